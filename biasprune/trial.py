@@ -1,0 +1,342 @@
+"""One trial: prune a dense DDPM, fine-tune it to each step milestone, sample and measure.
+
+`run_trial(config)` is what the sweeps call. Every expensive product is cached by content
+key (pruned model, fine-tuning checkpoints, reference statistics, each evaluated point), so
+running the same trial again recomputes nothing, and a trial that needs more steps continues
+from the latest cached checkpoint of the same pruned model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+from omegaconf import DictConfig
+
+from biasprune import fairness, fid, pruning
+from biasprune.cache import cache_root, cached_dir, content_key
+from biasprune.classifier import Predictions, check_groups
+from biasprune.config import DENSE, TrialConfig, to_trial_config, validate_trial_config
+from biasprune.data import save_png, to_model_range
+from biasprune.finetune import Finetuner, FinetuneSettings
+from biasprune.sampling import sample_ddim
+from biasprune.worlds import World
+
+logger = logging.getLogger(__name__)
+
+# Keys of a result row that identify the point and say how its metrics were computed;
+# every other key is a metric. Trackers log these as run params.
+POINT_PARAM_KEYS = (
+    "world", "model", "pruner", "pruning_ratio", "finetune_steps", "seed", "num_samples",
+    "sampler_steps", "eta", "reference", "quality_metric", "quality_extractor", "fid_extractor",
+    "fd_extractor", "fid_reference", "device", "evaluation_key",
+)  # fmt: skip
+
+_FD_EXTRACTOR = "classifier penultimate features"
+_FID_EXTRACTOR = "pytorch-fid InceptionV3 pool3 (2048-d, FID weights)"
+
+
+def run_trial(
+    config: TrialConfig | DictConfig | dict,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run one trial and return one result row per fine-tune step milestone.
+
+    Args:
+        config: The trial's settings (see `biasprune.config.TrialConfig`).
+        on_result: Called with each row as soon as it is measured (sweeps report from it).
+
+    Returns:
+        A list of flat dicts; keys in `POINT_PARAM_KEYS` identify the point, the rest are
+        metrics (`fd_<extractor>`, `fid` when available, `params`, `macs`, `model_size_mb`,
+        `images_per_s`, and the fairness metrics of `biasprune.fairness.fairness_metrics`).
+
+    Raises:
+        ValueError, FileNotFoundError: An invalid setting, raised before any model is loaded.
+        FloatingPointError: The fine-tuning loss became non-finite.
+    """
+    cfg = to_trial_config(config)
+    validate_trial_config(cfg)
+    device = resolve_device(cfg.device)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    started = time.perf_counter()
+
+    world = load_world(cfg)
+    check_groups(world.classifier.groups, world.groups)
+    measurer = Measurer(world, cfg, device)
+
+    rows: list[dict[str, Any]] = []
+
+    def report(row: dict[str, Any]) -> None:
+        rows.append(row)
+        logger.info("%s", format_row(row))
+        if on_result is not None:
+            on_result(row)
+
+    if cfg.pruner == DENSE:
+        report(measurer.evaluate_dense())
+        return rows
+
+    pruned, prune_key = prune_cached(world, cfg, device)
+    cost = model_cost(pruned)
+    settings = FinetuneSettings(
+        **dataclasses.asdict(cfg.finetune), seed=cfg.seed
+    )
+    checkpoint_dir = cache_root(cfg.cache_dir) / "finetune" / content_key(prune_key, dataclasses.asdict(settings))
+    trainer = Finetuner(pruned, world.scheduler_config, to_model_range(world.images), settings, checkpoint_dir, device)
+
+    def on_milestone(step: int, ema: UNet2DModel) -> None:
+        point = {"pruner": cfg.pruner, "pruning_ratio": cfg.pruning_ratio, "finetune_steps": step}
+        report(measurer.evaluate(ema, point, model_key=f"{checkpoint_dir.name}-{step}", cost=cost))
+
+    trainer.run(list(cfg.finetune_steps), on_milestone)
+    logger.info("trial %s ratio %s finished in %.1f s", cfg.pruner, cfg.pruning_ratio, time.perf_counter() - started)
+    return rows
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map `auto` to CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; set device=cpu or device=auto")
+    return torch.device(device)
+
+
+def load_world(cfg: TrialConfig) -> World:
+    """Load the configured world (built and cached on first use)."""
+    if cfg.world.name == "toyfaces":
+        from biasprune.worlds import toyfaces
+
+        return toyfaces.load_world(cfg.world.toyfaces, cfg.cache_dir)
+    raise ValueError(f"unknown world {cfg.world.name!r}")
+
+
+def prune_cached(world: World, cfg: TrialConfig, device: torch.device) -> tuple[UNet2DModel, str]:
+    """Return the pruned model for (model, pruner, ratio, seed, calibration settings), from cache if present."""
+    key = content_key(world.model_id, cfg.pruner, cfg.pruning_ratio, cfg.seed, dataclasses.asdict(cfg.prune))
+    path = cache_root(cfg.cache_dir) / "pruned" / key
+
+    def build(directory: Path) -> None:
+        calibration = None
+        if cfg.pruner in pruning.GRADIENT_PRUNERS:
+            generator = torch.Generator().manual_seed(cfg.seed)
+            count = min(cfg.prune.calibration_images, len(world.images))
+            index = torch.randperm(len(world.images), generator=generator)[:count]
+            calibration = to_model_range(world.images[index])
+        pruned = pruning.prune_unet(
+            world.unet,
+            cfg.pruner,
+            cfg.pruning_ratio,
+            scheduler=_ddpm_scheduler(world),
+            calibration_images=calibration,
+            thr=cfg.prune.thr,
+            calibration_batch_size=cfg.prune.calibration_batch_size,
+            seed=cfg.seed,
+        )
+        pruning.save_pruned(pruned, directory / "unet", metadata={"model": world.model_id, "pruner": cfg.pruner,
+                                                                  "pruning_ratio": cfg.pruning_ratio, "seed": cfg.seed})
+
+    cached_dir(path, build)
+    return pruning.load_pruned(path / "unet").to(device), key
+
+
+def _ddpm_scheduler(world: World):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(world.scheduler_config)
+
+
+def model_cost(unet: UNet2DModel) -> dict[str, float]:
+    """Return params, MACs (batch 1 at the model's resolution) and the saved size in MB."""
+    import tempfile
+
+    params, macs = pruning.count_params_macs(unet)
+    with tempfile.TemporaryDirectory() as tmp:
+        pruning.save_pruned(unet, Path(tmp) / "unet")
+        size = pruning.model_size_mb(Path(tmp) / "unet")
+    return {"params": int(params), "macs": int(macs), "model_size_mb": float(size)}
+
+
+class Measurer:
+    """Samples a model and measures quality and fairness against the world's references."""
+
+    def __init__(self, world: World, cfg: TrialConfig, device: torch.device) -> None:
+        self.world = world
+        self.cfg = cfg
+        self.device = device
+        self.cache = cache_root(cfg.cache_dir)
+        self.settings_key = content_key(
+            world.model_id, world.content_hashes, dataclasses.asdict(cfg.sampling), dataclasses.asdict(cfg.measure)
+        )
+        self._inception = None
+        self._references: dict[str, dict[str, np.ndarray]] | None = None
+
+    # -- references --------------------------------------------------------------------
+
+    def references(self) -> dict[str, dict[str, np.ndarray]]:
+        """Return the reference share vectors of every configured reference that is available."""
+        if self._references is None:
+            refs: dict[str, dict[str, np.ndarray]] = {}
+            wanted = set(self.cfg.measure.references) | {self.cfg.measure.reference}
+            if "data_predicted" in wanted:
+                predicted = self.world.classifier.predict(self.world.images)
+                refs["data_predicted"] = fairness.shares_from_labels(predicted.labels, self.world.groups)
+            if "data_labels" in wanted and self.world.labels is not None:
+                refs["data_labels"] = fairness.shares_from_labels(self.world.labels, self.world.groups)
+            if "dense" in wanted:
+                dense = self._evaluate_cached(self.world.unet, "dense")
+                refs["dense"] = fairness.shares_from_labels(dense["predictions"].labels, self.world.groups)
+            self._references = {name: _defined_shares(name, shares) for name, shares in refs.items()}
+        return self._references
+
+    # -- evaluation --------------------------------------------------------------------
+
+    def evaluate_dense(self) -> dict[str, Any]:
+        cost = model_cost(self.world.unet)
+        return self.evaluate(self.world.unet, {"pruner": DENSE, "pruning_ratio": 0.0, "finetune_steps": 0}, "dense", cost)
+
+    def evaluate(self, unet: UNet2DModel, point: dict[str, Any], model_key: str, cost: dict[str, float]) -> dict[str, Any]:
+        """Sample `unet`, measure it and return the result row of `point`."""
+        evaluation = self._evaluate_cached(unet, model_key)
+        predictions: Predictions = evaluation["predictions"]
+        m = self.cfg.measure
+        metrics = fairness.fairness_metrics(
+            predictions,
+            self.world.groups,
+            self.references(),
+            default_reference=m.reference,
+            weights=m.attribute_weights or None,
+            ratios=self.world.study_ratios,
+            bootstrap_samples=m.bootstrap_samples,
+            confidence=m.confidence,
+            seed=self.cfg.seed,
+            unknown_warn_rate=m.unknown_warn_rate,
+        )
+        row = {**self._point_params(point, evaluation["key"]), **cost, **evaluation["metrics"], **metrics}
+        if self.cfg.output_dir:
+            row["artifact_dir"] = str(self._write_artifacts(point, evaluation))
+        return row
+
+    def _point_params(self, point: dict[str, Any], key: str) -> dict[str, Any]:
+        s = self.cfg.sampling
+        quality = "fid" if self._fid_enabled() else f"fd_{self.world.features_name}"
+        return {
+            "world": self.world.name,
+            "model": self.world.model_id,
+            **point,
+            "seed": self.cfg.seed,
+            "num_samples": s.num_samples,
+            "sampler_steps": s.sampler_steps,
+            "eta": s.eta,
+            "reference": self.cfg.measure.reference,
+            "quality_metric": quality,
+            "fid_extractor": _FID_EXTRACTOR if self._fid_enabled() else "",
+            "fd_extractor": f"{self.world.features_name} {_FD_EXTRACTOR}" if self.world.features else "",
+            "fid_reference": f"{self.world.name} training images ({len(self.world.images)}, sha256 "
+            f"{self.world.content_hashes.get('images_sha256', '?')})",
+            "device": str(self.device),
+            "evaluation_key": key,
+        }
+
+    def _evaluate_cached(self, unet: UNet2DModel, model_key: str) -> dict[str, Any]:
+        """Sample and measure quality once per (model, settings); later calls read the cache."""
+        key = content_key(model_key, self.settings_key)
+        path = self.cache / "evaluations" / key
+
+        def build(directory: Path) -> None:
+            s = self.cfg.sampling
+            result = sample_ddim(
+                unet, self.world.scheduler_config, s.num_samples, num_inference_steps=s.sampler_steps,
+                eta=s.eta, batch_size=s.batch_size, seed=s.seed, device=self.device,
+            )  # fmt: skip
+            predictions = self.world.classifier.predict(result.images)
+            metrics = {"images_per_s": result.images_per_s, **self._quality(result.images)}
+            (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            arrays = {f"label_{a}": v for a, v in predictions.labels.items()}
+            arrays |= {f"confidence_{a}": v for a, v in predictions.confidence.items()}
+            np.savez(directory / "predictions.npz", **arrays)
+            save_png(result.images[:64], directory / "grid_images")
+
+        cached_dir(path, build)
+        metrics = json.loads((path / "metrics.json").read_text())
+        with np.load(path / "predictions.npz") as data:
+            labels = {a: data[f"label_{a}"] for a in self.world.groups}
+            confidence = {a: data[f"confidence_{a}"] for a in self.world.groups}
+        return {"key": key, "metrics": metrics, "predictions": Predictions(labels, confidence), "path": path}
+
+    def _fid_enabled(self) -> bool:
+        m = self.cfg.measure
+        if m.fid == "off":
+            return False
+        available = fid.inception_available(m.fid_weights or None)
+        if m.fid == "on" and not available:
+            raise FileNotFoundError(
+                f"measure.fid=on but pytorch-fid's Inception weights ({fid.FID_WEIGHTS_FILENAME}) are not available "
+                f"offline; download them from {fid.FID_WEIGHTS_URL} and set measure.fid_weights, or set measure.fid=auto"
+            )
+        return available
+
+    def _quality(self, images: torch.Tensor) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        dataset_key = f"{self.world.name}-{self.world.content_hashes.get('images_sha256', 'unknown')}"
+        if self.world.features is not None:
+            name = self.world.features_name
+            mu, sigma, _ = fid.cached_reference_statistics(
+                self.world.images, f"{name}-{self.world.model_id}", self.world.features, self.cfg.cache_dir, dataset_key
+            )
+            metrics |= fid.fid_from_features(self.world.features(images), mu, sigma, name=f"fd_{name}")
+        if self._fid_enabled():
+            if self._inception is None:
+                self._inception = fid.load_inception(self.cfg.measure.fid_weights or None, device=self.device)
+            m = self.cfg.measure
+
+            def inception_features(x: torch.Tensor) -> np.ndarray:
+                return fid.extract_features(x, self._inception, batch_size=m.fid_batch_size, device=self.device)
+
+            mu, sigma, _ = fid.cached_reference_statistics(
+                self.world.images, "inception", inception_features, self.cfg.cache_dir, dataset_key
+            )
+            metrics |= fid.fid_from_features(inception_features(images), mu, sigma, name="fid")
+        return metrics
+
+    def _write_artifacts(self, point: dict[str, Any], evaluation: dict[str, Any]) -> Path:
+        name = f"{point['pruner']}-r{point['pruning_ratio']:g}-s{point['finetune_steps']}"
+        directory = Path(self.cfg.output_dir) / name
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "evaluation_key.txt").write_text(evaluation["key"] + "\n")
+        return directory
+
+
+def _defined_shares(reference: str, shares: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop attributes whose reference shares are undefined (no image had a known label)."""
+    defined = {}
+    for attribute, vector in shares.items():
+        if np.all(np.isfinite(vector)):
+            defined[attribute] = vector
+        else:
+            logger.warning(
+                "reference %r has no image with a known %s label, so divergences from it skip %s", reference, attribute, attribute
+            )
+    return defined
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """Return a one-line summary of a result row for logs."""
+    quality = row.get(row.get("quality_metric", ""), float("nan"))
+    return (
+        f"{row['pruner']} ratio={row['pruning_ratio']:g} steps={row['finetune_steps']} "
+        f"{row.get('quality_metric')}={quality:.3f} macs={row.get('macs', 0) / 1e6:.2f}M "
+        f"params={row.get('params', 0) / 1e6:.3f}M fairness_divergence={row['fairness_divergence']:.4f} "
+        f"[{row['fairness_divergence_ci_low']:.4f}, {row['fairness_divergence_ci_high']:.4f}] "
+        f"unknown_rate={row['unknown_rate']:.3f}"
+    )
