@@ -25,7 +25,7 @@ WORLDS = ("toyfaces",)
 
 @dataclass
 class WorldConfig:
-    """Which world the study runs against, and its settings."""
+    """The world the study runs against, and its settings."""
 
     name: str = "toyfaces"
     toyfaces: ToyFacesConfig = field(default_factory=ToyFacesConfig)
@@ -83,7 +83,7 @@ class SamplingConfig:
 
 @dataclass
 class MeasureConfig:
-    """How quality and fairness are measured.
+    """Settings of the quality and fairness measurements.
 
     Attributes:
         reference: The reference distribution behind `fairness_divergence` and `js_*`.

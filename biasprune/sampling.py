@@ -10,6 +10,8 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from diffusers.configuration_utils import FrozenDict
 
+from biasprune.data import from_model_range
+
 logger = logging.getLogger(__name__)
 
 
@@ -92,13 +94,10 @@ def sample_ddim(
             with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 eps = unet(x, t).sample
             x = scheduler.step(eps.float(), t, x, eta=eta, generator=step_generator).prev_sample
-        batches.append(_to_uint8(x).cpu())
+        batches.append(from_model_range(x).cpu())
         logger.debug("sampled %d/%d images", min(start + batch_size, num_samples), num_samples)
     elapsed = time.perf_counter() - started
 
     images = torch.cat(batches)
     return SamplingResult(images, num_samples / max(elapsed, 1e-9), num_inference_steps, eta, seed)
 
-
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

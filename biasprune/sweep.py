@@ -6,7 +6,7 @@ callback turns each reported result into an MLflow child run and a Parquet row, 
 running in parallel never write to the tracking store themselves.
 
 A re-run of the same sweep skips the points that already have a finished MLflow run and a
-Parquet row; the trials it does launch read pruned models, checkpoints and evaluations from
+Parquet row. The trials it does launch read pruned models, checkpoints and evaluations from
 the cache, so only unfinished work is computed.
 """
 
@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ class ResourcesConfig:
 
 @dataclass
 class TrackingConfig:
-    """Where results are tracked.
+    """MLflow tracking settings.
 
     Attributes:
         uri: MLflow tracking URI; empty uses $MLFLOW_TRACKING_URI, else the SQLite store
@@ -196,22 +195,8 @@ def tune_trainable(config: dict[str, Any]) -> None:
     run_trial(trial_config, on_result=report)
 
 
-def format_duration(seconds: float) -> str:
+def _format_duration(seconds: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
-
-
-def error_text(exc: BaseException | None, fallback: str = "") -> str:
-    if exc is None:
-        return fallback
-    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
-
-
-def default_output_dir(config: GridConfig) -> Path:
-    return Path(config.output_dir).expanduser().resolve()
-
-
-def ray_address(config: GridConfig) -> str | None:
-    return config.ray_address or os.environ.get("RAY_ADDRESS") or None
 
 
 class SweepRecorder:
@@ -287,7 +272,10 @@ class RecordingCallback(tune.Callback):
             logger.exception("recording the result of trial %s failed", trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.recorder.record_failure(trial.config["point"], _trial_error(trial))
+        try:
+            self.recorder.record_failure(trial.config["point"], _trial_error(trial))
+        except Exception:  # a tracking failure must not stop the other trials
+            logger.exception("recording the failure of trial %s failed", trial.trial_id)
 
 
 def _trial_error(trial) -> str:
@@ -305,16 +293,13 @@ def run_grid(config: GridConfig | DictConfig | dict):
     Raises:
         ValueError, FileNotFoundError: An invalid setting, raised before Ray starts.
     """
-    import ray
-    from ray import tune
-
     from biasprune import results, tracking
     from biasprune.cache import cache_root
     from biasprune.trial import Measurer, load_world, resolve_device
 
     cfg = to_grid_config(config)
     specs = validate_grid(cfg)
-    output_dir = default_output_dir(cfg)
+    output_dir = Path(cfg.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = cache_root(cfg.trial.cache_dir)
     cfg.trial.cache_dir = str(cache_dir)  # every worker must read the same cache
@@ -351,7 +336,7 @@ def run_grid(config: GridConfig | DictConfig | dict):
             server.__exit__(None, None, None)
 
     table = summary_table(results.read_trials(recorder.trials_path), cfg)
-    logger.info("sweep %s finished in %s", cfg.name, format_duration(time.perf_counter() - started))
+    logger.info("sweep %s finished in %s", cfg.name, _format_duration(time.perf_counter() - started))
     return table
 
 
@@ -367,7 +352,7 @@ def _run_tune(cfg: GridConfig, pending: list[dict[str, Any]], recorder: SweepRec
     import ray
     from ray import tune
 
-    address = ray_address(cfg)
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  configure_logging=False)  # fmt: skip

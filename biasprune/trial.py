@@ -1,9 +1,9 @@
 """One trial: prune a dense DDPM, fine-tune it to each step milestone, sample and measure.
 
 `run_trial(config)` is what the sweeps call. Every expensive product is cached by content
-key (pruned model, fine-tuning checkpoints, reference statistics, each evaluated point), so
-running the same trial again recomputes nothing, and a trial that needs more steps continues
-from the latest cached checkpoint of the same pruned model.
+key: the pruned model, fine-tuning checkpoints, reference statistics and each evaluated point.
+Running the same trial again recomputes nothing. A trial that needs more steps continues from
+the latest cached checkpoint of the same pruned model.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from biasprune.worlds import World
 
 logger = logging.getLogger(__name__)
 
-# Keys of a result row that identify the point and say how its metrics were computed;
-# every other key is a metric. Trackers log these as run params.
+# Keys of a result row that identify the point and record how its metrics were computed.
+# Every other key is a metric. Trackers log these as run params.
 POINT_PARAM_KEYS = (
     "world", "model", "pruner", "pruning_ratio", "finetune_steps", "seed", "num_samples",
     "sampler_steps", "eta", "reference", "quality_metric", "quality_extractor", "fid_extractor",
