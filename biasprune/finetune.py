@@ -45,6 +45,8 @@ class FinetuneSettings:
         grad_clip: Maximum global gradient norm. Default 1.0.
         seed: Seed of batches, noise and timesteps. Default 0.
         log_every: Steps between INFO progress lines. Default 100.
+        cosine_decay_steps: If positive, the learning rate follows a cosine from its value
+            at step 0 to 0 at this step (Loshchilov and Hutter, SGDR, 2017); 0 keeps it constant.
     """
 
     batch_size: int = 64
@@ -54,6 +56,7 @@ class FinetuneSettings:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 100
+    cosine_decay_steps: int = 0
 
 
 def validate_milestones(milestones: list[int]) -> list[int]:
@@ -174,6 +177,10 @@ class Finetuner:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if s.cosine_decay_steps > 0:
+            progress = min(self.step, s.cosine_decay_steps) / s.cosine_decay_steps
+            for group in self.optimizer.param_groups:
+                group["lr"] = s.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
         torch.nn.utils.clip_grad_norm_(self.unet.parameters(), s.grad_clip)
         self.optimizer.step()
         self.step += 1

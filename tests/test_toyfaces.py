@@ -116,3 +116,33 @@ def test_default_world_meets_quality_bar():
         expected = np.bincount(world.labels[attribute], minlength=len(frequencies)) / len(world.images)
         assert np.abs(shares - expected).max() <= 0.05, (attribute, shares, expected)
     assert unknown.mean() <= 0.10
+
+
+def _generated_shares(world, num_samples: int = 1000) -> dict[str, np.ndarray]:
+    samples = sample_ddim(world.unet, world.scheduler_config, num_samples, num_inference_steps=50, batch_size=500, seed=0)
+    predictions = world.classifier.predict(samples.images)
+    shares = {}
+    for attribute, groups in world.groups.items():
+        known = predictions.labels[attribute][predictions.labels[attribute] != UNKNOWN]
+        shares[attribute] = np.bincount(known, minlength=len(groups)) / len(known)
+    return shares
+
+
+@pytest.mark.slow
+def test_shipped_world_matches_rebuild(tmp_path):
+    """Rebuilding the default world from its config reproduces the shipped one."""
+    shipped = toyfaces.load_world(ToyFacesConfig())
+    assert toyfaces.shipped_world_key() == toyfaces.world_key(ToyFacesConfig())
+
+    directory = toyfaces.rebuild_shipped_world(tmp_path / "rebuilt")
+    shipped_info = json.loads((toyfaces.SHIPPED_WORLD_DIR / "world.json").read_text())
+    rebuilt_info = json.loads((directory / "world.json").read_text())
+    assert rebuilt_info["world_key"] == shipped_info["world_key"]
+    assert rebuilt_info["images_sha256"] == shipped_info["images_sha256"]  # rendering is exact
+    for attribute, accuracy in shipped_info["classifier_holdout_accuracy"].items():
+        assert rebuilt_info["classifier_holdout_accuracy"][attribute] == pytest.approx(accuracy, abs=0.01)
+
+    rebuilt = toyfaces._load_built(ToyFacesConfig(), directory, rebuilt_info["world_key"])
+    shipped_shares, rebuilt_shares = _generated_shares(shipped), _generated_shares(rebuilt)
+    for attribute in GROUPS:
+        np.testing.assert_allclose(rebuilt_shares[attribute], shipped_shares[attribute], atol=0.04)

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import nn
 
 from biasprune.cache import cache_root, cached_dir, content_key
 from biasprune.classifier import UNKNOWN, Predictions
+from biasprune.data import to_model_range
 from biasprune.finetune import Finetuner, FinetuneSettings
 from biasprune.worlds import World
 from biasprune.worlds.toyfaces_render import GROUPS, render_faces, sample_attributes
@@ -31,7 +33,9 @@ from biasprune.worlds.toyfaces_render import GROUPS, render_faces, sample_attrib
 logger = logging.getLogger(__name__)
 
 # Bump when rendering or training code changes in a way that changes the built world.
-_BUILD_VERSION = 1
+_BUILD_VERSION = 2
+# The world built from the default config, shipped so that the default study needs no build.
+SHIPPED_WORLD_DIR = Path(__file__).with_name("toyfaces_default")
 
 
 @dataclass
@@ -162,15 +166,39 @@ class ToyFacesClassifier(nn.Module):
 
 
 def load_world(config: ToyFacesConfig | None = None, cache_dir: str | Path | None = None) -> World:
-    """Load the toyfaces world, building and caching it first if needed."""
+    """Load the toyfaces world, building and caching it first if needed.
+
+    The world built from the default config ships with the package, so the default study
+    needs no build; any other config is built on first use and cached under its key.
+    """
     config = config or ToyFacesConfig()
     validate_config(config)
     key = world_key(config)
+    if shipped_world_key() == key:
+        return _load_built(config, SHIPPED_WORLD_DIR, key)
     path = cache_root(cache_dir) / "worlds" / f"toyfaces-{key}"
     if not path.is_dir():
         logger.info("building toyfaces world %s (first use; later runs load it from %s)", key, path)
     cached_dir(path, lambda tmp: build_world(config, tmp))
     return _load_built(config, path, key)
+
+
+def shipped_world_key() -> str | None:
+    """Return the key of the world shipped with the package, or None if none ships."""
+    info = SHIPPED_WORLD_DIR / "world.json"
+    if not info.is_file():
+        return None
+    return json.loads(info.read_text()).get("world_key")
+
+
+def rebuild_shipped_world(directory: Path = None) -> Path:
+    """Build the default world again and write it where the package ships it."""
+    directory = Path(directory or SHIPPED_WORLD_DIR)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    build_world(ToyFacesConfig(), directory)
+    return directory
 
 
 def world_key(config: ToyFacesConfig) -> str:
@@ -198,13 +226,15 @@ def build_world(config: ToyFacesConfig, directory: Path) -> dict:
         ema_decay=config.ddpm_ema_decay,
         seed=config.data_seed,
         log_every=250,
+        cosine_decay_steps=config.ddpm_steps,
     )
-    trainer = Finetuner(unet, scheduler.config, images.float() / 127.5 - 1, settings)
+    trainer = Finetuner(unet, scheduler.config, to_model_range(images), settings)
     trainer.run([config.ddpm_steps], resume=False)
     trainer.ema.save_pretrained(directory / "unet")
     scheduler.save_pretrained(directory / "scheduler")
 
     info = {
+        "world_key": world_key(config),
         "config": dataclasses.asdict(config),
         "classifier_holdout_accuracy": accuracy,
         "build_seconds": time.perf_counter() - started,
@@ -241,7 +271,7 @@ def _new_ddpm(config: ToyFacesConfig) -> tuple[UNet2DModel, DDPMScheduler]:
 
 
 def train_classifier(config: ToyFacesConfig, images: torch.Tensor, labels: dict[str, np.ndarray]) -> ToyFacesClassifier:
-    """Train the attribute classifier with light noise and blur so it reads imperfect samples too."""
+    """Train the attribute classifier with additive noise so that it also reads imperfect samples."""
     generator = torch.Generator().manual_seed(config.data_seed)
     classifier = ToyFacesClassifier(GROUPS, config.classifier_threshold, config.resolution)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=3e-3)
@@ -300,3 +330,19 @@ def _load_built(config: ToyFacesConfig, path: Path, key: str) -> World:
         study_ratios={"gender": (["male"], ["female"]), "race": (["white"], ["black"]), "age": (["10-49"], None)},
         content_hashes={"world_key": key, "images_sha256": digest},
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Rebuild the shipped default world: `python -m biasprune.worlds.toyfaces --rebuild`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the default toyfaces world that ships with biasprune.")
+    parser.add_argument("--rebuild", action="store_true", required=True, help="train the world again from its config")
+    parser.add_argument("--out", default=str(SHIPPED_WORLD_DIR), help="folder to write (default: the shipped one)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"wrote {rebuild_shipped_world(Path(args.out))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,9 @@ of the real study and are drawn at configurable, deliberately unbalanced frequen
 - gender (2 groups): face outline. "male" is a rounded square with short hair on top,
   "female" a disk with long hair down both sides.
 - race (4 groups): skin tone, four well-separated colours.
-- age (3 groups): hair colour (blond, black, grey-white).
+- age (3 groups): hair colour (blond, auburn, grey-white). The colours differ in hue as well
+  as brightness: with black in place of auburn, a measured build of the default world
+  generated the 10-49 group about 10 points below its training share.
 
 Nuisance variation keeps the task from being trivial: face position and size, background
 colour and gradient, global lighting and pixel noise.
@@ -34,7 +36,7 @@ _SKIN_RGB = np.array(
 _HAIR_RGB = np.array(
     [
         [0.95, 0.80, 0.15],  # 0-9: blond
-        [0.08, 0.06, 0.05],  # 10-49: black
+        [0.45, 0.16, 0.06],  # 10-49: auburn
         [0.85, 0.86, 0.92],  # 50+: grey-white
     ]
 )
@@ -59,12 +61,12 @@ def render_faces(labels: dict[str, np.ndarray], resolution: int, rng: np.random.
     ys, xs = coords[:, :, None], coords[:, None, :]  # (1, R, 1) and (1, 1, R)
 
     # 1. Nuisance parameters, per image.
-    cx = (8.0 + rng.uniform(-1.5, 1.5, n)) * scale
-    cy = (8.5 + rng.uniform(-1.0, 1.0, n)) * scale
-    radius = (4.6 + rng.uniform(-0.5, 0.5, n)) * scale
-    background = rng.uniform([0.15, 0.35, 0.35], [0.35, 0.6, 0.75], size=(n, 3))
-    gradient = rng.uniform(-0.12, 0.12, size=(n, 2))
-    lighting = rng.uniform(0.85, 1.1, n)
+    cx = (8.0 + rng.uniform(-1.0, 1.0, n)) * scale
+    cy = (8.5 + rng.uniform(-0.75, 0.75, n)) * scale
+    radius = (4.7 + rng.uniform(-0.4, 0.4, n)) * scale
+    background = rng.uniform([0.18, 0.38, 0.42], [0.32, 0.55, 0.68], size=(n, 3))
+    gradient = rng.uniform(-0.08, 0.08, size=(n, 2))
+    lighting = rng.uniform(0.9, 1.06, n)
 
     dx = (xs - cx[:, None, None]) / radius[:, None, None]
     dy = (ys - cy[:, None, None]) / radius[:, None, None]
@@ -76,9 +78,9 @@ def render_faces(labels: dict[str, np.ndarray], resolution: int, rng: np.random.
     face = _soft_step(1.0 - distance, edge)
 
     # 3. Hair: a cap above the face, plus side locks down to the chin for "female".
-    cap = _soft_step(1.25 - np.sqrt(dx**2 + (dy + 0.35) ** 2), edge)
-    cap *= _soft_step(-dy - 0.45, edge)
-    locks = _soft_step(np.abs(dx) - 0.85, edge) * _soft_step(1.35 - np.abs(dx), edge) * _soft_step(0.9 - dy, edge)
+    cap = _soft_step(1.35 - np.sqrt(dx**2 + (dy + 0.3) ** 2), edge)
+    cap *= _soft_step(-dy - 0.35, edge)
+    locks = _soft_step(np.abs(dx) - 0.8, edge) * _soft_step(1.45 - np.abs(dx), edge) * _soft_step(1.1 - dy, edge)
     locks *= _soft_step(dy + 0.6, edge) * ~male
     hair = np.clip(np.maximum(cap, locks), 0.0, 1.0)
 
