@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,8 +221,17 @@ class SweepRecorder:
     run at once.
     """
 
-    def __init__(self, tracker, output_dir: Path, groups: dict[str, list[str]], references, cache_dir: Path) -> None:
+    def __init__(
+        self,
+        tracker,
+        output_dir: Path,
+        groups: dict[str, list[str]],
+        references,
+        cache_dir: Path,
+        config_yaml: Callable[[dict[str, Any]], str] | None = None,
+    ) -> None:
         self.tracker = tracker
+        self.config_yaml = config_yaml
         self.output_dir = output_dir
         self.groups = groups
         self.references = references
@@ -243,7 +253,7 @@ class SweepRecorder:
         point_dir = self.output_dir / "points" / results.point_name(row)
         evaluation_dir = self.cache_dir / "evaluations" / row["evaluation_key"]
         files = artifacts.write_point_artifacts(evaluation_dir, row, self.groups, self.references, point_dir)
-        self.tracker.log_point(row, files)
+        self.tracker.log_point(row, files, config_yaml=self.config_yaml(row) if self.config_yaml else None)
         table = pq.read_table(files[artifacts.PREDICTIONS_TABLE_FILENAME])
         results.upsert_trials(self.trials_path, [{**row, "node_id": node_id, "status": "finished", "error": ""}])
         results.upsert_predictions(self.predictions_path, table)
@@ -334,7 +344,9 @@ def run_grid(config: GridConfig | DictConfig | dict):
             uri, cfg.tracking.experiment, key, cfg.name, OmegaConf.to_yaml(OmegaConf.structured(cfg)),
             {f"world.{k}": v for k, v in world.content_hashes.items()} | {"world": world.name, "model": world.model_id},
         )  # fmt: skip
-        recorder = SweepRecorder(tracker, output_dir, world.groups, references, cache_dir)
+        recorder = SweepRecorder(
+            tracker, output_dir, world.groups, references, cache_dir, lambda row: _resolved_trial_yaml(cfg, row)
+        )
 
         # 2. Points that already have a finished run and a Parquet row are not run again.
         done = tracker.finished_points() & _finished_rows(results, recorder.trials_path)
@@ -353,6 +365,13 @@ def run_grid(config: GridConfig | DictConfig | dict):
     table = summary_table(results.read_trials(recorder.trials_path), cfg)
     logger.info("sweep %s finished in %s", cfg.name, _format_duration(time.perf_counter() - started))
     return table
+
+
+def _resolved_trial_yaml(cfg: GridConfig, row: dict[str, Any]) -> str:
+    """Return the resolved settings of the trial that measured `row`, as YAML."""
+    steps = [0] if row["pruner"] == DENSE else sorted({int(s) for s in cfg.finetune_steps})
+    spec = {"pruner": row["pruner"], "pruning_ratio": row["pruning_ratio"], "finetune_steps": steps}
+    return OmegaConf.to_yaml(OmegaConf.structured(trial_config_for(cfg, spec)))
 
 
 def _finished_rows(results, path: Path) -> set[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -266,6 +267,8 @@ class Measurer:
             arrays |= {f"confidence_{a}": v for a, v in predictions.confidence.items()}
             np.savez(directory / "predictions.npz", **arrays)
             save_png(result.images[:64], directory / "grid_images")
+            if s.save_images:
+                save_png(result.images, directory / "samples")
 
         cached_dir(path, build)
         metrics = json.loads((path / "metrics.json").read_text())
@@ -314,6 +317,8 @@ class Measurer:
         directory = Path(self.cfg.output_dir) / name
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "evaluation_key.txt").write_text(evaluation["key"] + "\n")
+        if self.cfg.sampling.save_images:
+            shutil.copytree(evaluation["path"] / "samples", directory / "samples", dirs_exist_ok=True)
         return directory
 
 

@@ -85,6 +85,11 @@ def test_grid_sweep_parquet_matches_mlflow(tmp_path, tiny_cache):
     predictions = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
     assert len(predictions) == len(expected) * config.trial.sampling.num_samples
 
+    client = mlflow.MlflowClient(config.tracking.uri)
+    run_id = runs.set_index("point").loc["l1|0.5|2", "run_id"]
+    artifacts = {item.path for item in client.list_artifacts(run_id)}
+    assert {"sample_grid.png", "shares.png", "predictions.parquet", "config.yaml"} <= artifacts
+
 
 def test_grid_sweep_rerun_recomputes_nothing(tmp_path, tiny_cache, monkeypatch):
     config = _tiny_grid(tmp_path, tiny_cache, ["pruners=[l1]"])

@@ -24,7 +24,9 @@ def test_run_trial_tiny_world_end_to_end(tiny_cache, tmp_path):
     assert first["sampler_steps"] == 4
     assert first["fd_toyfaces_num_samples"] == 32
     assert "fid" not in first  # FID is never reported under that name for another extractor
-    assert first["params"] > 0 and first["macs"] > 0 and first["model_size_mb"] > 0
+    assert first["params"] > 0
+    assert first["macs"] > 0
+    assert first["model_size_mb"] > 0
     assert first["images_per_s"] > 0
     assert 0.0 <= first["fairness_divergence"] <= 1.0
     assert first["fairness_divergence_ci_low"] <= first["fairness_divergence_ci_high"]
@@ -130,3 +132,12 @@ def test_to_trial_config_rejects_unknown_key():
 def test_to_trial_config_rejects_wrong_type():
     with pytest.raises(Exception, match="pruning_ratio"):
         to_trial_config({"pruning_ratio": "half"})
+
+
+def test_run_trial_save_images_writes_every_sample(tiny_cache, tmp_path):
+    config = tiny_trial_config(tiny_cache, pruner="l1", pruning_ratio=0.5, finetune_steps=[0], output_dir=str(tmp_path))
+    config.sampling.save_images = True
+    row = trial.run_trial(config)[0]
+    pngs = sorted((tmp_path / "l1-r0.5-s0" / "samples").glob("*.png"))
+    assert row["artifact_dir"] == str(tmp_path / "l1-r0.5-s0")
+    assert len(pngs) == config.sampling.num_samples
