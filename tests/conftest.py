@@ -63,6 +63,20 @@ def build_tiny_unet(seed: int = 0) -> UNet2DModel:
     ).eval()
 
 
+def build_unet_8px(seed: int = 0) -> UNet2DModel:
+    """An 8x8 UNet with two levels and attention, for sampling and fine-tuning tests."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
+
+
 @pytest.fixture
 def tiny_unet() -> UNet2DModel:
     return build_tiny_unet()

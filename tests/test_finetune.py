@@ -2,24 +2,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_unet_8px
 from diffusers import DDPMScheduler, UNet2DModel
 
 from biasprune.finetune import Finetuner, FinetuneSettings, validate_milestones
 
 SCHEDULER = dict(DDPMScheduler(num_train_timesteps=100).config)
-
-
-def _tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=4,
-    )
 
 
 def _images(n: int = 32) -> torch.Tensor:
@@ -32,7 +20,7 @@ def _state(unet: UNet2DModel) -> dict[str, torch.Tensor]:
 
 def test_finetuner_milestones_in_order(tmp_path):
     seen = []
-    trainer = Finetuner(_tiny_unet(), SCHEDULER, _images(), FinetuneSettings(batch_size=4), tmp_path)
+    trainer = Finetuner(build_unet_8px(), SCHEDULER, _images(), FinetuneSettings(batch_size=4), tmp_path)
     trainer.run([3, 0, 1], on_milestone=lambda step, ema: seen.append(step))
     assert seen == [0, 1, 3]
     assert trainer.step == 3
@@ -40,7 +28,7 @@ def test_finetuner_milestones_in_order(tmp_path):
 
 
 def test_finetuner_changes_weights_and_ema_lags():
-    unet = _tiny_unet()
+    unet = build_unet_8px()
     before = _state(unet)
     trainer = Finetuner(unet, SCHEDULER, _images(), FinetuneSettings(batch_size=4, ema_decay=0.9))
     trainer.run([5])
@@ -54,12 +42,12 @@ def test_finetuner_changes_weights_and_ema_lags():
 
 def test_finetuner_resume_matches_uninterrupted(tmp_path):
     settings = FinetuneSettings(batch_size=4, seed=3)
-    straight = Finetuner(_tiny_unet(), SCHEDULER, _images(), settings)
+    straight = Finetuner(build_unet_8px(), SCHEDULER, _images(), settings)
     straight.run([6])
 
-    first = Finetuner(_tiny_unet(), SCHEDULER, _images(), settings, tmp_path)
+    first = Finetuner(build_unet_8px(), SCHEDULER, _images(), settings, tmp_path)
     first.run([3])
-    resumed = Finetuner(_tiny_unet(), SCHEDULER, _images(), settings, tmp_path)
+    resumed = Finetuner(build_unet_8px(), SCHEDULER, _images(), settings, tmp_path)
     resumed.run([3, 6])
 
     assert resumed.step == 6
@@ -69,8 +57,8 @@ def test_finetuner_resume_matches_uninterrupted(tmp_path):
 
 def test_finetuner_reuses_cached_milestone(tmp_path):
     settings = FinetuneSettings(batch_size=4)
-    Finetuner(_tiny_unet(), SCHEDULER, _images(), settings, tmp_path).run([2])
-    again = Finetuner(_tiny_unet(), SCHEDULER, _images(), settings, tmp_path)
+    Finetuner(build_unet_8px(), SCHEDULER, _images(), settings, tmp_path).run([2])
+    again = Finetuner(build_unet_8px(), SCHEDULER, _images(), settings, tmp_path)
     calls = []
     again.train_step = lambda: calls.append(1) or 0.0  # type: ignore[method-assign]
     again.run([2])
@@ -81,7 +69,7 @@ def test_finetuner_reuses_cached_milestone(tmp_path):
 def test_finetuner_nonfinite_loss_names_step():
     images = _images()
     images[:] = float("nan")
-    trainer = Finetuner(_tiny_unet(), SCHEDULER, images, FinetuneSettings(batch_size=4))
+    trainer = Finetuner(build_unet_8px(), SCHEDULER, images, FinetuneSettings(batch_size=4))
     with pytest.raises(FloatingPointError, match="step 1"):
         trainer.run([3])
 

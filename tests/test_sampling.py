@@ -2,36 +2,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from conftest import build_unet_8px
+from diffusers import DDPMScheduler
 
 from biasprune.sampling import sample_ddim
-
-
-def _tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=4,
-    )
 
 
 SCHEDULER = dict(DDPMScheduler(num_train_timesteps=100).config)
 
 
 def test_sample_ddim_shape_and_dtype():
-    result = sample_ddim(_tiny_unet(), SCHEDULER, 5, num_inference_steps=3, batch_size=2)
+    result = sample_ddim(build_unet_8px(), SCHEDULER, 5, num_inference_steps=3, batch_size=2)
     assert result.images.shape == (5, 3, 8, 8)
     assert result.images.dtype == torch.uint8
     assert result.images_per_s > 0
 
 
 def test_sample_ddim_same_seed_same_images():
-    unet = _tiny_unet()
+    unet = build_unet_8px()
     first = sample_ddim(unet, SCHEDULER, 4, num_inference_steps=3, seed=7).images
     second = sample_ddim(unet, SCHEDULER, 4, num_inference_steps=3, seed=7).images
     other = sample_ddim(unet, SCHEDULER, 4, num_inference_steps=3, seed=8).images
@@ -40,14 +28,14 @@ def test_sample_ddim_same_seed_same_images():
 
 
 def test_sample_ddim_eta0_independent_of_batch_size():
-    unet = _tiny_unet()
+    unet = build_unet_8px()
     whole = sample_ddim(unet, SCHEDULER, 6, num_inference_steps=3, batch_size=6).images
     split = sample_ddim(unet, SCHEDULER, 6, num_inference_steps=3, batch_size=4).images
     assert (whole.int() - split.int()).abs().max() <= 1  # float batching noise only
 
 
 def test_sample_ddim_eta1_reproducible():
-    unet = _tiny_unet()
+    unet = build_unet_8px()
     first = sample_ddim(unet, SCHEDULER, 4, num_inference_steps=3, eta=1.0, seed=3).images
     second = sample_ddim(unet, SCHEDULER, 4, num_inference_steps=3, eta=1.0, seed=3).images
     deterministic = sample_ddim(unet, SCHEDULER, 4, num_inference_steps=3, eta=0.0, seed=3).images
@@ -65,9 +53,9 @@ def test_sample_ddim_eta1_reproducible():
 )
 def test_sample_ddim_invalid(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        sample_ddim(_tiny_unet(), SCHEDULER, 2, **kwargs)
+        sample_ddim(build_unet_8px(), SCHEDULER, 2, **kwargs)
 
 
 def test_sample_ddim_invalid_num_samples():
     with pytest.raises(ValueError, match="num_samples"):
-        sample_ddim(_tiny_unet(), SCHEDULER, 0)
+        sample_ddim(build_unet_8px(), SCHEDULER, 0)
