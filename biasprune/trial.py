@@ -188,13 +188,13 @@ class Measurer:
         """Return the reference share vectors of every configured reference that is available."""
         if self._references is None:
             refs: dict[str, dict[str, np.ndarray]] = {}
-            wanted = set(self.cfg.measure.references) | {self.cfg.measure.reference}
-            if "data_predicted" in wanted:
+            requested = set(self.cfg.measure.references) | {self.cfg.measure.reference}
+            if "data_predicted" in requested:
                 predicted = self.world.classifier.predict(self.world.images)
                 refs["data_predicted"] = fairness.shares_from_labels(predicted.labels, self.world.groups)
-            if "data_labels" in wanted and self.world.labels is not None:
+            if "data_labels" in requested and self.world.labels is not None:
                 refs["data_labels"] = fairness.shares_from_labels(self.world.labels, self.world.groups)
-            if "dense" in wanted:
+            if "dense" in requested:
                 dense = self._evaluate_cached(self.world.unet, "dense")
                 refs["dense"] = fairness.shares_from_labels(dense["predictions"].labels, self.world.groups)
             self._references = {name: _defined_shares(name, shares) for name, shares in refs.items()}

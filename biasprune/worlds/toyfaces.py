@@ -169,7 +169,7 @@ def load_world(config: ToyFacesConfig | None = None, cache_dir: str | Path | Non
     """Load the toyfaces world, building and caching it first if needed.
 
     The world built from the default config ships with the package, so the default study
-    needs no build; any other config is built on first use and cached under its key.
+    needs no build. Any other config is built on first use and cached under its key.
     """
     config = config or ToyFacesConfig()
     validate_config(config)
@@ -209,7 +209,7 @@ def build_world(config: ToyFacesConfig, directory: Path) -> dict:
     """Render the data, train the classifier and the dense DDPM, and save them to `directory`.
 
     The build runs on one torch thread, so that it is reproducible bit for bit on a given CPU
-    and torch version; on 2 cores one thread trained at about 5 steps/s against 6 for two.
+    and torch version. On 2 cores one thread trained at about 5 steps/s, two at about 6.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
