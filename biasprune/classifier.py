@@ -16,8 +16,8 @@ UNKNOWN = -1
 class Predictions:
     """Per-image predictions for each attribute.
 
-    `labels[a]` holds one group index per image (into the classifier's `groups[a]`), or
-    `UNKNOWN`; `confidence[a]` holds the softmax probability of the predicted group.
+    `labels[a]` contains one group index per image (into the classifier's `groups[a]`), or
+    `UNKNOWN`; `confidence[a]` contains the softmax probability of the predicted group.
     """
 
     labels: dict[str, np.ndarray]

@@ -310,7 +310,7 @@ def cached_reference_statistics(
         ``mu`` (D,), ``sigma`` (D, D) and the path of the ``.npz`` file.
 
     Raises:
-        ValueError: ``extractor_name`` or ``dataset_key`` is empty or holds other characters.
+        ValueError: ``extractor_name`` or ``dataset_key`` is empty or contains other characters.
     """
     _check_cache_name(extractor_name, "extractor_name")
     _check_cache_name(dataset_key, "dataset_key")

@@ -160,8 +160,8 @@ def hypervolume(front: np.ndarray, reference_point: np.ndarray) -> float:
     The hypervolume is the volume of the union of the boxes [p, reference_point] over the points
     p of the front (all objectives minimised). Points that are not strictly below the reference
     in every objective add nothing and are ignored, and so are dominated points. Two objectives
-    use a sweep over the sorted points; three objectives slice the volume at each point's third
-    objective and sum slab thickness × the 2-D hypervolume of the points at or below the slab.
+    use a sweep over the sorted points. Three objectives slice the volume at each point's third
+    objective and sum, over the slabs, thickness × the 2-D hypervolume of the points below.
 
     Args:
         front: An (n, k) array of objective vectors, k = 2 or 3; n may be 0.

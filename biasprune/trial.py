@@ -56,9 +56,9 @@ def run_trial(
         on_result: Called with each row as soon as it is measured (sweeps report from it).
 
     Returns:
-        A list of flat dicts; keys in `POINT_PARAM_KEYS` identify the point, the rest are
-        metrics (`fd_<extractor>`, `fid` when available, `params`, `macs`, `model_size_mb`,
-        `images_per_s`, and the fairness metrics of `biasprune.fairness.fairness_metrics`).
+        A list of flat dicts, one per milestone. Keys in `POINT_PARAM_KEYS` identify the point.
+        The other keys are metrics: `fd_<extractor>`, `fid` when available, `params`, `macs`,
+        `model_size_mb`, `images_per_s` and those of `biasprune.fairness.fairness_metrics`.
 
     Raises:
         ValueError, FileNotFoundError: An invalid setting, raised before any model is loaded.
