@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from biasprune.classifier import UNKNOWN
-from biasprune.fairness import _metric_token as metric_token
+from biasprune.fairness import metric_token
 from biasprune.results import POINT_KEY_COLUMNS, point_key
 
 logger = logging.getLogger(__name__)

@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from biasprune.pruning import PRUNERS, validate_pruning_args
 from biasprune.sampling import validate_sampling_args
+from biasprune.worlds.fairface64 import FairFace64Config
+from biasprune.worlds.fairface64 import validate_config as validate_fairface64
 from biasprune.worlds.toyfaces import ToyFacesConfig
 from biasprune.worlds.toyfaces import validate_config as validate_toyfaces
 
@@ -20,7 +22,8 @@ DENSE = "dense"
 """Pruner name of the unpruned baseline point."""
 
 REFERENCES = ("data_predicted", "data_labels", "dense", "uniform")
-WORLDS = ("toyfaces",)
+WORLDS = ("toyfaces", "fairface64")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -29,6 +32,7 @@ class WorldConfig:
 
     name: str = "toyfaces"
     toyfaces: ToyFacesConfig = field(default_factory=ToyFacesConfig)
+    fairface64: FairFace64Config = field(default_factory=FairFace64Config)
 
 
 @dataclass
@@ -71,6 +75,9 @@ class SamplingConfig:
         batch_size: Images per forward pass. Default 500.
         seed: Seed of the sampling noise, the same for every model so that they are compared on equal noise.
         save_images: Also write every sample as a PNG next to the trial's artifacts. Default false.
+        precision: Mixed precision of the UNet and the attribute classifier: `auto` (bf16 autocast
+            on CUDA, fp32 on CPU), `fp32`, `bf16` or `fp16`. FID features are always fp32.
+            The resolved setting is recorded as the run param `precision`.
     """
 
     num_samples: int = 1000
@@ -79,6 +86,7 @@ class SamplingConfig:
     batch_size: int = 500
     seed: int = 0
     save_images: bool = False
+    precision: str = "auto"
 
 
 @dataclass
@@ -95,8 +103,11 @@ class MeasureConfig:
         fid: `auto` computes pytorch-fid's FID when its Inception weights are available
             offline, `on` requires them, `off` skips FID.
         fid_weights: Path of pytorch-fid's Inception weights file (pt_inception-2015-12-05-6726825d.pth);
-            empty uses pytorch-fid's own download location.
+            empty uses $BIASPRUNE_FID_WEIGHTS, else
+            pytorch-fid's own download location.
         fid_batch_size: Images per Inception forward pass.
+        fid_reference_stats: An existing pytorch-fid `.npz` (keys mu, sigma) to compare against;
+            empty computes the statistics of the world's images once and caches them in that format.
     """
 
     reference: str = "data_predicted"
@@ -108,6 +119,7 @@ class MeasureConfig:
     fid: str = "auto"
     fid_weights: str | None = None
     fid_batch_size: int = 50
+    fid_reference_stats: str | None = None
 
 
 @dataclass
@@ -141,6 +153,14 @@ class TrialConfig:
     num_threads: int = 0
 
 
+FID_WEIGHTS_ENV = "BIASPRUNE_FID_WEIGHTS"
+
+
+def fid_weights_path(measure: MeasureConfig) -> str | None:
+    """Return `measure.fid_weights`, else $BIASPRUNE_FID_WEIGHTS, else None (pytorch-fid's own download)."""
+    return measure.fid_weights or os.environ.get(FID_WEIGHTS_ENV) or None
+
+
 def to_trial_config(config: TrialConfig | DictConfig | dict) -> TrialConfig:
     """Build a typed TrialConfig from a dataclass, an OmegaConf config or a plain dict.
 
@@ -163,11 +183,30 @@ def validate_trial_config(config: TrialConfig) -> None:
         raise ValueError(f"unknown world {config.world.name!r}; choose one of {list(WORLDS)}")
     if config.world.name == "toyfaces":
         validate_toyfaces(config.world.toyfaces)
+    if config.world.name == "fairface64":
+        validate_fairface64(config.world.fairface64)
+        if config.measure.fid == "off":
+            raise ValueError(
+                "world fairface64 measures quality with FID only; set trial.measure.fid=on and "
+                "provide pytorch-fid's Inception weights (trial.measure.fid_weights)"
+            )
+        from biasprune import fid
+
+        weights = fid_weights_path(config.measure)
+        if not fid.inception_available(weights):
+            where = f"file {weights!r} not found" if weights else "they are not in pytorch-fid's download folder"
+            raise FileNotFoundError(
+                f"world fairface64 measures FID but pytorch-fid's Inception weights are missing ({where}); download "
+                f"{fid.FID_WEIGHTS_URL} and set trial.measure.fid_weights or ${FID_WEIGHTS_ENV} to the file (or place it in the torch hub "
+                "checkpoints folder, where pytorch-fid looks)"
+            )
     from biasprune.finetune import validate_milestones
 
     validate_milestones(list(config.finetune_steps))
     s = config.sampling
     validate_sampling_args(s.num_samples, s.sampler_steps, s.eta, s.batch_size)
+    if s.precision not in PRECISIONS:
+        raise ValueError(f"sampling.precision must be one of {list(PRECISIONS)}, got {s.precision!r}")
     _validate_measure(config.measure)
     if config.finetune.learning_rate <= 0 or config.finetune.batch_size < 1:
         raise ValueError(
@@ -184,10 +223,16 @@ def _validate_measure(measure: MeasureConfig) -> None:
         raise ValueError(f"unknown fairness reference(s) {unknown}; choose from {list(REFERENCES)}")
     if measure.fid not in ("auto", "on", "off"):
         raise ValueError(f"measure.fid must be 'auto', 'on' or 'off', got {measure.fid!r}")
-    if measure.fid_weights and not os.path.isfile(measure.fid_weights):
+    weights = fid_weights_path(measure)
+    if weights and not os.path.isfile(weights):
         raise FileNotFoundError(
-            f"measure.fid_weights file {measure.fid_weights!r} not found; download pytorch-fid's "
+            f"measure.fid_weights (or ${FID_WEIGHTS_ENV}) file {weights!r} not found; download pytorch-fid's "
             "pt_inception-2015-12-05-6726825d.pth and set measure.fid_weights to its path, or leave it empty"
+        )
+    if measure.fid_reference_stats and not os.path.isfile(measure.fid_reference_stats):
+        raise FileNotFoundError(
+            f"measure.fid_reference_stats file {measure.fid_reference_stats!r} not found; give a pytorch-fid "
+            ".npz (python -m pytorch_fid --save-stats IMAGES OUT.npz) or leave it empty to compute it"
         )
     if not 0 < measure.confidence < 1:
         raise ValueError(f"measure.confidence must be in (0, 1), got {measure.confidence}")

@@ -306,7 +306,7 @@ def fairness_metrics(
     for attribute, share in shares.items():
         metrics[f"fd_l2_{tokens[attribute]}"] = _nan_if_undefined(share, fairness_discrepancy)
     for name, reference in references.items():
-        suffix = f"_vs_{_metric_token(name)}"
+        suffix = f"_vs_{metric_token(name)}"
         metrics.update(
             _reference_metrics(shares, reference, attribute_weights, tokens, suffix, kl_smoothing)
         )
@@ -519,7 +519,8 @@ def _normalized_weights(
 # --- Metric-name helpers -----------------------------------------------------------------------
 
 
-def _metric_token(name: str) -> str:
+def metric_token(name: str) -> str:
+    """Return `name` as it appears in metric keys (`+` becomes `plus`, other odd characters `_`)."""
     token = _METRIC_KEY_DISALLOWED.sub("_", str(name).strip().replace("+", "plus"))
     if not token:
         raise ValueError(
@@ -532,7 +533,7 @@ def _metric_token(name: str) -> str:
 def _check_unique_tokens(names: list[str], what: str) -> None:
     seen: dict[str, str] = {}
     for name in names:
-        token = _metric_token(name)
+        token = metric_token(name)
         if token in seen:
             raise ValueError(
                 f"{what} {seen[token]!r} and {name!r} both become {token!r} in metric keys. "
@@ -545,7 +546,7 @@ def _metric_tokens(groups: dict[str, list[str]]) -> dict[str, str]:
     _check_unique_tokens(list(groups), "attributes")
     for attribute, names in groups.items():
         _check_unique_tokens(list(names), f"groups of {attribute!r}")
-    return {a: _metric_token(a) for a in groups}
+    return {a: metric_token(a) for a in groups}
 
 
 # --- Computation helpers -----------------------------------------------------------------------
@@ -584,7 +585,7 @@ def _share_metrics(
     metrics: dict[str, float] = {}
     for attribute, share in shares.items():
         for name, value in zip(groups[attribute], share):
-            metrics[f"share_{tokens[attribute]}_{_metric_token(name)}"] = float(value)
+            metrics[f"share_{tokens[attribute]}_{metric_token(name)}"] = float(value)
     return metrics
 
 

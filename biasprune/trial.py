@@ -23,9 +23,9 @@ from diffusers import UNet2DModel
 from omegaconf import DictConfig
 
 from biasprune import fairness, fid, pruning
-from biasprune.cache import cache_root, cached_dir, content_key
+from biasprune.cache import cache_root, cached_dir, content_key, hash_file
 from biasprune.classifier import Predictions, check_groups
-from biasprune.config import DENSE, TrialConfig, to_trial_config, validate_trial_config
+from biasprune.config import DENSE, TrialConfig, fid_weights_path, to_trial_config, validate_trial_config
 from biasprune.data import save_png, to_model_range
 from biasprune.finetune import Finetuner, FinetuneSettings
 from biasprune.sampling import sample_ddim
@@ -38,8 +38,12 @@ logger = logging.getLogger(__name__)
 POINT_PARAM_KEYS = (
     "world", "model", "pruner", "pruning_ratio", "finetune_steps", "seed", "num_samples",
     "sampler_steps", "eta", "reference", "quality_metric", "quality_extractor", "fid_extractor",
-    "fd_extractor", "fid_reference", "device", "evaluation_key",
+    "fd_extractor", "fid_reference", "classifier", "precision", "device", "evaluation_key",
 )  # fmt: skip
+
+REFERENCE_SHARE_PREFIX = "reference_share_"
+"""Rows carry each reference's shares as `reference_share_<reference>_<attribute>_<group>`."""
+_PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 _FD_EXTRACTOR = "classifier penultimate features"
 _FID_EXTRACTOR = "pytorch-fid InceptionV3 pool3 (2048-d, FID weights)"
@@ -71,9 +75,10 @@ def run_trial(
         torch.set_num_threads(cfg.num_threads)
     started = time.perf_counter()
 
-    world = load_world(cfg)
+    precision = resolve_precision(cfg.sampling.precision, device)
+    world = load_world(cfg, device, _PRECISION_DTYPES[precision])
     check_groups(world.classifier.groups, world.groups)
-    measurer = Measurer(world, cfg, device)
+    measurer = Measurer(world, cfg, device, precision)
 
     rows: list[dict[str, Any]] = []
 
@@ -113,12 +118,25 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_world(cfg: TrialConfig) -> World:
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Map `auto` to bf16 on CUDA and fp32 elsewhere; reject half precision on the CPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"sampling.precision=fp16 needs a CUDA device, got {device}; use fp32 or bf16")
+    return precision
+
+
+def load_world(cfg: TrialConfig, device: torch.device | None = None, autocast_dtype: torch.dtype | None = None) -> World:
     """Load the configured world (built and cached on first use)."""
     if cfg.world.name == "toyfaces":
         from biasprune.worlds import toyfaces
 
         return toyfaces.load_world(cfg.world.toyfaces, cfg.cache_dir)
+    if cfg.world.name == "fairface64":
+        from biasprune.worlds import fairface64
+
+        return fairface64.load_world(cfg.world.fairface64, cfg.cache_dir, device or torch.device("cpu"), autocast_dtype)
     raise ValueError(f"unknown world {cfg.world.name!r}")
 
 
@@ -171,13 +189,15 @@ def model_cost(unet: UNet2DModel) -> dict[str, float]:
 class Measurer:
     """Samples a model and measures quality and fairness against the world's references."""
 
-    def __init__(self, world: World, cfg: TrialConfig, device: torch.device) -> None:
+    def __init__(self, world: World, cfg: TrialConfig, device: torch.device, precision: str = "fp32") -> None:
         self.world = world
         self.cfg = cfg
         self.device = device
+        self.precision = precision
         self.cache = cache_root(cfg.cache_dir)
         self.settings_key = content_key(
-            world.model_id, world.content_hashes, dataclasses.asdict(cfg.sampling), dataclasses.asdict(cfg.measure)
+            world.model_id, world.content_hashes, dataclasses.asdict(cfg.sampling), dataclasses.asdict(cfg.measure),
+            precision,
         )
         self._inception = None
         self._references: dict[str, dict[str, np.ndarray]] | None = None
@@ -224,13 +244,27 @@ class Measurer:
             unknown_warn_rate=m.unknown_warn_rate,
         )
         row = {**self._point_params(point, evaluation["key"]), **cost, **evaluation["metrics"], **metrics}
+        row |= self._reference_shares()
         if self.cfg.output_dir:
             row["artifact_dir"] = str(self._write_artifacts(point, evaluation))
         return row
 
+    def _reference_shares(self) -> dict[str, float]:
+        """Return each data reference's shares as `reference_share_<reference>_<attribute>_<group>` columns."""
+        columns = {}
+        for reference in ("data_labels", "data_predicted"):
+            shares = self.references().get(reference)
+            if shares is None:
+                continue
+            for attribute, vector in shares.items():
+                for group, value in zip(self.world.groups[attribute], vector, strict=True):
+                    token = f"{fairness.metric_token(attribute)}_{fairness.metric_token(group)}"
+                    columns[f"{REFERENCE_SHARE_PREFIX}{reference}_{token}"] = float(value)
+        return columns
+
     def _point_params(self, point: dict[str, Any], key: str) -> dict[str, Any]:
         s = self.cfg.sampling
-        quality = "fid" if self._fid_enabled() else f"fd_{self.world.features_name}"
+        quality = "fid" if self._fid_enabled() or self.world.features is None else f"fd_{self.world.features_name}"
         return {
             "world": self.world.name,
             "model": self.world.model_id,
@@ -243,11 +277,21 @@ class Measurer:
             "quality_metric": quality,
             "fid_extractor": _FID_EXTRACTOR if self._fid_enabled() else "",
             "fd_extractor": f"{self.world.features_name} {_FD_EXTRACTOR}" if self.world.features else "",
-            "fid_reference": f"{self.world.name} training images ({len(self.world.images)}, sha256 "
-            f"{self.world.content_hashes.get('images_sha256', '?')})",
+            "fid_reference": self._fid_reference_description(),
+            "classifier": getattr(self.world.classifier, "description", type(self.world.classifier).__name__),
+            "precision": self.precision,
             "device": str(self.device),
             "evaluation_key": key,
         }
+
+    def _fid_reference_description(self) -> str:
+        stats = self.cfg.measure.fid_reference_stats
+        if stats and self._fid_enabled():
+            return f"pytorch-fid statistics {stats} (sha256 {hash_file(stats)})"
+        return (
+            f"{self.world.name} training images ({len(self.world.images)}, sha256 "
+            f"{self.world.content_hashes.get('images_sha256', '?')})"
+        )
 
     def _evaluate_cached(self, unet: UNet2DModel, model_key: str) -> dict[str, Any]:
         """Sample and measure quality once per (model, settings); later calls read the cache."""
@@ -259,6 +303,7 @@ class Measurer:
             result = sample_ddim(
                 unet, self.world.scheduler_config, s.num_samples, num_inference_steps=s.sampler_steps,
                 eta=s.eta, batch_size=s.batch_size, seed=s.seed, device=self.device,
+                autocast_dtype=_PRECISION_DTYPES[self.precision],
             )  # fmt: skip
             predictions = self.world.classifier.predict(result.images)
             metrics = {"images_per_s": result.images_per_s, **self._quality(result.images)}
@@ -281,7 +326,7 @@ class Measurer:
         m = self.cfg.measure
         if m.fid == "off":
             return False
-        available = fid.inception_available(m.fid_weights or None)
+        available = fid.inception_available(fid_weights_path(m))
         if m.fid == "on" and not available:
             raise FileNotFoundError(
                 f"measure.fid=on but pytorch-fid's Inception weights ({fid.FID_WEIGHTS_FILENAME}) are not available "
@@ -300,15 +345,18 @@ class Measurer:
             metrics |= fid.fid_from_features(self.world.features(images), mu, sigma, name=f"fd_{name}")
         if self._fid_enabled():
             if self._inception is None:
-                self._inception = fid.load_inception(self.cfg.measure.fid_weights or None, device=self.device)
+                self._inception = fid.load_inception(fid_weights_path(self.cfg.measure), device=self.device)
             m = self.cfg.measure
 
             def inception_features(x: torch.Tensor) -> np.ndarray:
                 return fid.extract_features(x, self._inception, batch_size=m.fid_batch_size, device=self.device)
 
-            mu, sigma, _ = fid.cached_reference_statistics(
-                self.world.images, "inception", inception_features, self.cfg.cache_dir, dataset_key
-            )
+            if m.fid_reference_stats:
+                mu, sigma = fid.load_statistics(m.fid_reference_stats)
+            else:
+                mu, sigma, _ = fid.cached_reference_statistics(
+                    self.world.images, "inception", inception_features, self.cfg.cache_dir, dataset_key
+                )
             metrics |= fid.fid_from_features(inception_features(images), mu, sigma, name="fid")
         return metrics
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import face_photos
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -86,3 +88,19 @@ def tiny_unet() -> UNet2DModel:
 def tiny_cache(tmp_path_factory):
     """A cache directory shared by the tests of one session, so the tiny world builds once."""
     return tmp_path_factory.mktemp("biasprune-cache")
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    """scikit-image's astronaut photo (512×512 RGB, a woman's face)."""
+    return face_photos.astronaut()
+
+
+@pytest.fixture(scope="module")
+def face_crop() -> np.ndarray:
+    return face_photos.face_crop()
+
+
+@pytest.fixture(scope="module")
+def face64() -> np.ndarray:
+    return face_photos.face64()

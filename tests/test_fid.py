@@ -12,6 +12,8 @@ from pytorch_fid.fid_score import compute_statistics_of_path, get_activations
 
 from biasprune import fid
 from biasprune.data import save_png, to_unit_range
+from fairface_standins import inception_state_dict
+
 from biasprune.fid import (
     FID_FEATURE_DIM,
     cached_reference_statistics,
@@ -26,33 +28,10 @@ from biasprune.fid import (
 )
 
 
-def _standin_fid_inception_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Build random weights for pytorch-fid's FID Inception the way `fid_inception_v3` does.
-
-    Convolutions get He-normal weights so that activations keep their scale through the network
-    (PyTorch's default init shrinks the pool3 features to about 1e-8).
-    """
-    torch.manual_seed(seed)
-    net = pf_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    net.Mixed_5b = pf_inception.FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = pf_inception.FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = pf_inception.FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = pf_inception.FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = pf_inception.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = pf_inception.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = pf_inception.FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = pf_inception.FIDInceptionE_1(1280)
-    net.Mixed_7c = pf_inception.FIDInceptionE_2(2048)
-    for module in net.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    return net.state_dict()
-
-
 @pytest.fixture(scope="module")
 def standin_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fid_weights") / "standin_inception.pth"
-    torch.save(_standin_fid_inception_state_dict(), path)
+    torch.save(inception_state_dict(), path)
     return path
 
 

@@ -112,3 +112,12 @@ def test_summary_table_orders_like_the_study():
         ("l1", 0.5, 0),
         ("random", 0.25, 0),
     ]
+
+
+def test_trial_resources_give_each_trial_a_gpu_when_the_cluster_has_one():
+    from biasprune.sweep import ResourcesConfig, trial_resources
+
+    assert trial_resources(ResourcesConfig(), "auto", 0) == {"cpu": 1.0, "gpu": 0.0}
+    assert trial_resources(ResourcesConfig(), "auto", 2) == {"cpu": 1.0, "gpu": 1.0}
+    assert trial_resources(ResourcesConfig(), "cpu", 2) == {"cpu": 1.0, "gpu": 0.0}
+    assert trial_resources(ResourcesConfig(2, 0.5), "cuda", 2) == {"cpu": 2, "gpu": 0.5}

@@ -114,8 +114,8 @@ def test_run_trial_missing_fid_weights(tiny_cache, monkeypatch):
 def test_run_trial_classifier_groups_mismatch(tiny_cache, monkeypatch):
     original = trial.load_world
 
-    def world_with_other_groups(cfg):
-        world = original(cfg)
+    def world_with_other_groups(cfg, *args):
+        world = original(cfg, *args)
         world.groups = {**world.groups, "race": ["a", "b", "c", "d"]}
         return world
 
