@@ -510,7 +510,7 @@ def _run_tune(cfg: ParetoConfig, storage, sampler, num_samples: int, recorder, o
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from biasprune.sweep import RecordingCallback, tune_trainable
+    from biasprune.sweep import RecordingCallback, trial_resources, tune_trainable
 
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
@@ -519,7 +519,8 @@ def _run_tune(cfg: ParetoConfig, storage, sampler, num_samples: int, recorder, o
         space=_SearchSpace(cfg), metric=list(OBJECTIVE_KEYS), mode=["min"] * len(OBJECTIVE_KEYS),
         sampler=sampler, study_name=cfg.study_name, storage=storage,
     )  # fmt: skip
-    trainable = tune.with_resources(tune_trainable, {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial})
+    resources = trial_resources(cfg.resources, cfg.trial.device, ray.cluster_resources().get("GPU", 0))
+    trainable = tune.with_resources(tune_trainable, resources)
     reporter = tune.CLIReporter(
         parameter_columns={"pruner": "pruner", "pruning_ratio": "ratio", "finetune_steps": "steps"},
         metric_columns={"quality": "quality", "fairness_divergence": "fairness_div", "macs": "macs",

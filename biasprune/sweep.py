@@ -40,7 +40,8 @@ class ResourcesConfig:
 
     Attributes:
         cpus_per_trial: CPUs per trial; torch in the trial uses this many threads. Default 1.
-        gpus_per_trial: GPUs per trial; fractions share a GPU between trials. Default 0.
+        gpus_per_trial: GPUs per trial; fractions share a GPU between trials. Default 0: one GPU
+            per trial when the Ray cluster has GPUs and `trial.device` is not `cpu`, else none.
     """
 
     cpus_per_trial: float = 1.0
@@ -315,6 +316,9 @@ def _trial_error(trial) -> str:
 def run_grid(config: GridConfig | DictConfig | dict):
     """Run the grid sweep and return its summary table (pandas DataFrame, one row per point).
 
+    The study report (`biasprune.report`) is written to ``<output_dir>/report`` and logged to the
+    parent run; ``table.attrs["report"]`` is its HTML page, or empty when it could not be written.
+
     Raises:
         ValueError, FileNotFoundError: An invalid setting, raised before Ray starts.
     """
@@ -358,11 +362,15 @@ def run_grid(config: GridConfig | DictConfig | dict):
         if pending:
             failed = _run_tune(cfg, pending, recorder, output_dir)
         tracker.finish("FINISHED" if not failed else "FAILED")
+        from biasprune.report import report_after_sweep
+
+        report = report_after_sweep(output_dir, uri, tracker.parent_run_id)
     finally:
         if server:
             server.__exit__(None, None, None)
 
     table = summary_table(results.read_trials(recorder.trials_path), cfg)
+    table.attrs["report"] = str(report) if report else ""  # the study report's HTML page, for the CLI
     logger.info("sweep %s finished in %s", cfg.name, _format_duration(time.perf_counter() - started))
     return table
 
@@ -382,6 +390,15 @@ def _finished_rows(results, path: Path) -> set[str]:
     return {point_key(p, r, s) for p, r, s in zip(frame["pruner"], frame["pruning_ratio"], frame["finetune_steps"])}
 
 
+def trial_resources(resources: ResourcesConfig, device: str, cluster_gpus: float) -> dict[str, float]:
+    """Return what Ray reserves per trial; 0 GPUs means one GPU each when the cluster has GPUs and the trial may use one."""
+    gpus = resources.gpus_per_trial
+    if gpus == 0 and cluster_gpus > 0 and device != "cpu":
+        logger.info("the Ray cluster has %g GPU(s): each trial gets one (set resources.gpus_per_trial to change)", cluster_gpus)
+        gpus = 1.0
+    return {"cpu": resources.cpus_per_trial, "gpu": gpus}
+
+
 def _run_tune(cfg: GridConfig, pending: list[dict[str, Any]], recorder: SweepRecorder, output_dir: Path) -> int:
     import ray
     from ray import tune
@@ -397,7 +414,7 @@ def _run_tune(cfg: GridConfig, pending: list[dict[str, Any]], recorder: SweepRec
     }
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, points=points),
-        {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial},
+        trial_resources(cfg.resources, cfg.trial.device, ray.cluster_resources().get("GPU", 0)),
     )
     param_space = {"point": tune.grid_search(list(points))}
     reporter = tune.CLIReporter(

@@ -39,6 +39,8 @@ def main(config: DictConfig) -> None:
     failed = int((table["status"] == "failed").sum()) if "status" in table else 0
     if failed:
         print(f"\n{failed} point(s) failed; their errors are in the table above and in MLflow.")
+    if table.attrs.get("report"):
+        print(f"\nStudy report: {table.attrs['report']}")
 
 
 if __name__ == "__main__":
