@@ -25,6 +25,9 @@ Names, stable across sweeps:
   ``fairness_divergence``, ...). NaN is logged as NaN. MLflow stores +inf and -inf as
   ±1.797e308 (the largest float), so each infinite metric is also named in the tag
   ``biasprune.infinite_metrics`` (e.g. ``ratio_race=+inf``).
+- Metric ``quality``: a copy of the metric that the param ``quality_metric`` names (``fid`` or
+  ``fd_<extractor>``), so that runs of different worlds compare under one key. Rows that
+  already have a ``quality`` value keep it.
 - Text values of the row other than params (e.g. ``artifact_dir``) become tags
   ``biasprune.<key>``.
 - A failed point: a child run with status ``FAILED``, the tag ``biasprune.error`` (truncated to
@@ -73,6 +76,9 @@ TAG_INFINITE = "biasprune.infinite_metrics"
 TAG_CODE_VERSION = "biasprune.code_version"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
+
+QUALITY_METRIC = "quality"
+"""Name of the child-run metric that copies the row's quality metric (``fid`` or ``fd_<extractor>``)."""
 
 FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 FAILED = RunStatus.to_string(RunStatus.FAILED)
@@ -484,6 +490,9 @@ def _check_status(status: str, error: str | None) -> None:
 def _split_row(row: dict[str, Any]) -> tuple[list[Param], list[Metric], dict[str, str]]:
     """Split a row into params (POINT_PARAM_KEYS), numeric metrics and tags for other text."""
     timestamp_ms = int(time.time() * 1000)
+    quality = row.get(row.get("quality_metric") or "")
+    if QUALITY_METRIC not in row and isinstance(quality, numbers.Real):
+        row = {**row, QUALITY_METRIC: quality}
     params, metrics, tags, infinite = [], [], {}, []
     for key, value in row.items():
         if value is None or key in ("status", "error"):
