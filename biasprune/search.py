@@ -300,7 +300,7 @@ def run_search(config: ParetoConfig | DictConfig | dict) -> SearchResult:
     from biasprune import results, tracking
     from biasprune.cache import cache_root
     from biasprune.sweep import SweepRecorder
-    from biasprune.trial import Measurer, load_world, resolve_device
+    from biasprune.trial import open_measurer
 
     # 1. Validate, and open the study, before any model is loaded.
     cfg = to_pareto_config(config)
@@ -323,9 +323,7 @@ def run_search(config: ParetoConfig | DictConfig | dict) -> SearchResult:
         )  # fmt: skip
 
         # 2. The world, the references and the dense baseline are computed once, in the driver.
-        world = load_world(cfg.trial)
-        dense_config = _trial_config_for(cfg, DENSE, 0.0, 0)
-        measurer = Measurer(world, dense_config, resolve_device(cfg.trial.device))
+        world, measurer = open_measurer(_trial_config_for(cfg, DENSE, 0.0, 0))
         references = measurer.references()
         tracker = tracking.SweepTracker(
             uri, cfg.tracking.experiment, key, cfg.study_name, OmegaConf.to_yaml(OmegaConf.structured(cfg)),

@@ -324,7 +324,7 @@ def run_grid(config: GridConfig | DictConfig | dict):
     """
     from biasprune import results, tracking
     from biasprune.cache import cache_root
-    from biasprune.trial import Measurer, load_world, resolve_device
+    from biasprune.trial import open_measurer
 
     cfg = to_grid_config(config)
     specs = validate_grid(cfg)
@@ -337,8 +337,7 @@ def run_grid(config: GridConfig | DictConfig | dict):
     logger.info("sweep %s (%s): %d trials, milestones %s, output %s", cfg.name, key, len(specs), cfg.finetune_steps, output_dir)
 
     # 1. The world and the dense reference are built once here, not by each trial in parallel.
-    world = load_world(cfg.trial)
-    measurer = Measurer(world, trial_config_for(cfg, specs[0]), resolve_device(cfg.trial.device))
+    world, measurer = open_measurer(trial_config_for(cfg, specs[0]))
     references = measurer.references()
 
     server = tracking.LocalTrackingServer(output_dir / "mlflow") if cfg.tracking.server else None

@@ -70,15 +70,12 @@ def run_trial(
     """
     cfg = to_trial_config(config)
     validate_trial_config(cfg)
-    device = resolve_device(cfg.device)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     started = time.perf_counter()
 
-    precision = resolve_precision(cfg.sampling.precision, device)
-    world = load_world(cfg, device, _PRECISION_DTYPES[precision])
-    check_groups(world.classifier.groups, world.groups)
-    measurer = Measurer(world, cfg, device, precision)
+    world, measurer = open_measurer(cfg)
+    device = measurer.device
 
     rows: list[dict[str, Any]] = []
 
@@ -107,6 +104,19 @@ def run_trial(
     trainer.run(list(cfg.finetune_steps), on_milestone)
     logger.info("trial %s ratio %s finished in %.1f s", cfg.pruner, cfg.pruning_ratio, time.perf_counter() - started)
     return rows
+
+
+def open_measurer(cfg: TrialConfig) -> tuple[World, Measurer]:
+    """Load the world on the trial's device and return it with its Measurer.
+
+    Sweeps call this in the driver too, so that the references and the dense evaluation they
+    compute there use the same device, precision and cache keys as the trials.
+    """
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.sampling.precision, device)
+    world = load_world(cfg, device, _PRECISION_DTYPES[precision])
+    check_groups(world.classifier.groups, world.groups)
+    return world, Measurer(world, cfg, device, precision)
 
 
 def resolve_device(device: str) -> torch.device:
