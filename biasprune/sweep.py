@@ -313,11 +313,18 @@ def _trial_error(trial) -> str:
     return "unknown error (Ray wrote no error file)"
 
 
-def run_grid(config: GridConfig | DictConfig | dict):
+def run_grid(
+    config: GridConfig | DictConfig | dict,
+    after_sweep: Callable[[Path, str, str], Path | None] | None = None,
+):
     """Run the grid sweep and return its summary table (pandas DataFrame, one row per point).
 
-    The study report (`biasprune.report`) is written to ``<output_dir>/report`` and logged to the
-    parent run; ``table.attrs["report"]`` is its HTML page, or empty when it could not be written.
+    Args:
+        config: The sweep's settings (see `GridConfig`).
+        after_sweep: Called with (output folder, tracking URI, parent run id) once every point is
+            recorded, while the tracking store is still up; `sweeps/grid.py` writes the study report
+            with it (`biasprune.report.report_after_sweep`). Its return value, a path or None,
+            is kept as ``table.attrs["report"]``.
 
     Raises:
         ValueError, FileNotFoundError: An invalid setting, raised before Ray starts.
@@ -361,9 +368,7 @@ def run_grid(config: GridConfig | DictConfig | dict):
         if pending:
             failed = _run_tune(cfg, pending, recorder, output_dir)
         tracker.finish("FINISHED" if not failed else "FAILED")
-        from biasprune.report import report_after_sweep
-
-        report = report_after_sweep(output_dir, uri, tracker.parent_run_id)
+        report = after_sweep(output_dir, uri, tracker.parent_run_id) if after_sweep else None
     finally:
         if server:
             server.__exit__(None, None, None)

@@ -21,6 +21,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from biasprune.report import report_after_sweep
 from biasprune.sweep import GridConfig, format_summary, run_grid
 
 ConfigStore.instance().store(name="grid_schema", node=GridConfig)
@@ -30,7 +31,7 @@ ConfigStore.instance().store(name="grid_schema", node=GridConfig)
 def main(config: DictConfig) -> None:
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     try:
-        table = run_grid(config)
+        table = run_grid(config, after_sweep=report_after_sweep)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -418,7 +418,7 @@ def test_grid_sweep_writes_its_report(tmp_path, tiny_cache):
     with initialize_config_dir(config_dir=str(Path(study.__file__).parents[1] / "tests" / "conf"), version_base="1.3"):
         config = to_grid_config(compose(config_name="tiny_grid", overrides=overrides))
     try:
-        table = run_grid(config)
+        table = run_grid(config, after_sweep=study.report_after_sweep)
     finally:
         if ray.is_initialized():
             ray.shutdown()
