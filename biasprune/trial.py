@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 # Every other key is a metric. Trackers log these as run params.
 POINT_PARAM_KEYS = (
     "world", "model", "pruner", "pruning_ratio", "finetune_steps", "seed", "num_samples",
-    "sampler_steps", "eta", "reference", "quality_metric", "quality_extractor", "fid_extractor",
+    "sampler_steps", "eta", "reference", "quality_metric", "fid_extractor",
     "fd_extractor", "fid_reference", "classifier", "precision", "device", "evaluation_key",
 )  # fmt: skip
 
