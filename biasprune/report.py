@@ -75,6 +75,14 @@ STEPS_FIGURE = "finetune_steps.png"
 DATASET_REFERENCE = "data_labels"
 """Reference whose shares fill the dataset column: the labels of the training images."""
 
+_PLUS_TOKEN = re.compile(r"(?<=\d)plus$")
+
+
+def group_label(token: str) -> str:
+    """Return a group's name for display from its metric-key token (`50plus` → `50+`)."""
+    return _PLUS_TOKEN.sub("+", token)
+
+
 REFERENCE_SHARE_PREFIX = "reference_share_"
 """Prefix of the row columns ``reference_share_<reference>_<attribute>_<group>``."""
 
@@ -739,7 +747,7 @@ def _share_block(
                 continue
             mark = SIGNIFICANCE_MARK if (column.label, attribute, group) in marked else ""
             cells.append(_model_cell(column, lambda r: _format_percent(_number(r.get(f"share_{attribute}_{group}"))) + mark))
-        rows.append(TableRow(f"share_{attribute}_{group}", f"{group} (%)", cells))
+        rows.append(TableRow(f"share_{attribute}_{group}", f"{group_label(group)} (%)", cells))
     rows.append(_model_row(f"unknown_rate_{attribute}", "unknown (% of images)", columns,
                            lambda r: _format_percent(_number(r.get(f"unknown_rate_{attribute}")))))  # fmt: skip
     notes.add("Shares are percentages of the images with a known label for the attribute; the dataset column "
@@ -1023,7 +1031,8 @@ def plot_shares(table: StudyTable, path: Path) -> Path:
         colors = _group_colors(len(groups))
         for i, group in enumerate(groups):
             heights = np.nan_to_num(matrix[i])
-            ax.bar(x, heights, 0.7, bottom=bottom, label=group, color=colors[i], edgecolor="white", linewidth=0.5)
+            ax.bar(x, heights, 0.7, bottom=bottom, label=group_label(group), color=colors[i], edgecolor="white",
+                   linewidth=0.5)  # fmt: skip
             bottom += heights
         for j, column in enumerate(table.columns):
             if np.all(np.isnan(matrix[:, j])):

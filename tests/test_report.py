@@ -432,3 +432,9 @@ def test_grid_sweep_writes_its_report(tmp_path, tiny_cache):
     client = MlflowClient(uri)
     parent = client.search_runs([client.get_experiment_by_name("biasprune").experiment_id], "tags.`biasprune.kind` = 'sweep'")[0]
     assert "report/report.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+
+
+def test_group_label_restores_the_plus_of_age_groups():
+    assert study.group_label("50plus") == "50+"
+    assert study.group_label("10-49") == "10-49"
+    assert study.group_label("plus") == "plus"
