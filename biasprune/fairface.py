@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from biasprune.attributes import GroupMapping, mapping
+from biasprune.cache import hash_file
 from biasprune.classifier import UNKNOWN, Predictions
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class FairFaceClassifier:
         self.weights_path = str(weights_path)
         self.network = load_resnet34(weights_path).to(self.device)
         self.description = (
-            f"FairFace ResNet-34 ({Path(weights_path).name}, race {self.race_classes}), "
+            f"FairFace ResNet-34 ({Path(weights_path).name}, sha256 {hash_file(weights_path)}, race {self.race_classes}), "
             f"{INPUT_SIZE}x{INPUT_SIZE} ImageNet-normalized, "
             + ("dlib-aligned (padding 0.25)" if aligner is not None else "unaligned")
             + ", mappings " + ", ".join(f"{a}={m.name}" for a, m in self.mappings.items())

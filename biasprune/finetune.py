@@ -24,6 +24,7 @@ from diffusers import UNet2DModel
 from diffusers.configuration_utils import FrozenDict
 
 from biasprune import pruning
+from biasprune.data import to_model_range
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ class Finetuner:
         unet: The model to train; it is trained in place and its EMA copy is what the
             milestones hand out.
         scheduler_config: Config of the DDPM training scheduler (gives ᾱ_t).
-        images: Training images in [-1, 1], shape (N, C, H, W).
+        images: Training images, shape (N, C, H, W): uint8, converted to [-1, 1] one batch at a
+            time (so a large dataset is not held in float), or float already in [-1, 1].
         settings: Optimizer and data settings.
         checkpoint_dir: Where milestone checkpoints go (`step_<k>/`), or None for none.
         device: Device to train on.
@@ -169,7 +171,10 @@ class Finetuner:
         s = self.settings
         generator = torch.Generator().manual_seed(s.seed * 1_000_003 + self.step)
         index = torch.randint(0, self.images.shape[0], (s.batch_size,), generator=generator)
-        loss = ddpm_loss(self.unet, self.alphas_cumprod, self.images[index], generator)
+        batch = self.images[index]
+        if batch.dtype == torch.uint8:
+            batch = to_model_range(batch)
+        loss = ddpm_loss(self.unet, self.alphas_cumprod, batch, generator)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(
                 f"non-finite fine-tuning loss {loss.item()} at step {self.step + 1}; lower the learning rate "

@@ -95,7 +95,7 @@ def run_trial(
         **dataclasses.asdict(cfg.finetune), seed=cfg.seed
     )
     checkpoint_dir = cache_root(cfg.cache_dir) / "finetune" / content_key(prune_key, dataclasses.asdict(settings))
-    trainer = Finetuner(pruned, world.scheduler_config, to_model_range(world.images), settings, checkpoint_dir, device)
+    trainer = Finetuner(pruned, world.scheduler_config, world.images, settings, checkpoint_dir, device)
 
     def on_milestone(step: int, ema: UNet2DModel) -> None:
         point = {"pruner": cfg.pruner, "pruning_ratio": cfg.pruning_ratio, "finetune_steps": step}
@@ -220,8 +220,7 @@ class Measurer:
             refs: dict[str, dict[str, np.ndarray]] = {}
             requested = set(self.cfg.measure.references) | {self.cfg.measure.reference}
             if "data_predicted" in requested:
-                predicted = self.world.classifier.predict(self.world.images)
-                refs["data_predicted"] = fairness.shares_from_labels(predicted.labels, self.world.groups)
+                refs["data_predicted"] = fairness.shares_from_labels(self._data_predictions(), self.world.groups)
             if "data_labels" in requested and self.world.labels is not None:
                 refs["data_labels"] = fairness.shares_from_labels(self.world.labels, self.world.groups)
             if "dense" in requested:
@@ -229,6 +228,20 @@ class Measurer:
                 refs["dense"] = fairness.shares_from_labels(dense["predictions"].labels, self.world.groups)
             self._references = {name: _defined_shares(name, shares) for name, shares in refs.items()}
         return self._references
+
+    def _data_predictions(self) -> dict[str, np.ndarray]:
+        """Return the classifier's labels of the world's images, computed once per world and classifier."""
+        key = content_key("data_predicted", self.world.model_id, self.world.content_hashes, self.precision)
+        path = self.cache / "data_predictions" / key
+
+        def build(directory: Path) -> None:
+            logger.info("classifying the %d images of world %s (cached afterwards)", len(self.world.images), self.world.name)
+            predicted = self.world.classifier.predict(self.world.images)
+            np.savez(directory / "labels.npz", **predicted.labels)
+
+        cached_dir(path, build)
+        with np.load(path / "labels.npz") as data:
+            return {a: data[a] for a in self.world.groups}
 
     # -- evaluation --------------------------------------------------------------------
 

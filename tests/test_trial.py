@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from conftest import tiny_trial_config
 
@@ -141,3 +142,21 @@ def test_run_trial_save_images_writes_every_sample(tiny_cache, tmp_path):
     pngs = sorted((tmp_path / "l1-r0.5-s0" / "samples").glob("*.png"))
     assert row["artifact_dir"] == str(tmp_path / "l1-r0.5-s0")
     assert len(pngs) == config.sampling.num_samples
+
+
+def test_data_predictions_are_computed_once_per_world(tiny_cache, monkeypatch):
+    cfg = tiny_trial_config(tiny_cache, pruner="dense")
+    world, measurer = trial.open_measurer(cfg)
+    first = measurer.references()["data_predicted"]
+    calls = []
+    original = world.classifier.predict
+
+    def counting_predict(images):
+        calls.append(len(images))
+        return original(images)
+
+    monkeypatch.setattr(world.classifier, "predict", counting_predict)
+    again = trial.Measurer(world, cfg, measurer.device, measurer.precision).references()["data_predicted"]
+    assert not [n for n in calls if n == len(world.images)]  # the world's images were not classified again
+    for attribute in first:
+        np.testing.assert_array_equal(first[attribute], again[attribute])
