@@ -83,6 +83,18 @@ def test_model_id_changes_with_the_weights(tmp_path):
     assert first.split("#")[1] != second.split("#")[1]
 
 
+def test_bare_unet_folder_with_a_scheduler_loads(tmp_path):
+    from diffusers import DDPMScheduler
+
+    unet = study_unet(seed=3)
+    unet.save_pretrained(tmp_path / "bare")
+    DDPMScheduler(num_train_timesteps=500).save_pretrained(tmp_path / "bare" / "scheduler")
+    loaded, scheduler_config, model_id = load_dense_model(str(tmp_path / "bare"))
+    assert torch.equal(loaded.conv_in.weight, unet.conv_in.weight)
+    assert scheduler_config["num_train_timesteps"] == 500
+    assert "unhashed" not in model_id
+
+
 def test_unreachable_model_names_the_key(tmp_path, monkeypatch):
     import huggingface_hub
 

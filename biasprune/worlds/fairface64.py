@@ -173,21 +173,26 @@ def load_dense_model(model: str, revision: str = ""):
     Raises:
         FileNotFoundError: Neither a local pipeline folder nor a reachable Hub id.
     """
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     local = Path(model).expanduser()
+    source = str(local) if local.exists() else model
     kwargs = {"revision": revision} if revision and not local.exists() else {}
     subfolder = "unet"
-    if local.is_dir() and not (local / "unet").is_dir() and (local / "config.json").is_file():
-        subfolder = None
     try:
-        unet = UNet2DModel.from_pretrained(str(local) if local.exists() else model, subfolder=subfolder, **kwargs)
-        scheduler = DDPMScheduler.from_pretrained(str(local) if local.exists() else model, subfolder="scheduler", **kwargs)
+        if local.is_dir() and not (local / "model_index.json").is_file():
+            # A bare UNet folder (config.json at the top) with a scheduler/ beside it.
+            subfolder = None if (local / "config.json").is_file() else "unet"
+            unet = UNet2DModel.from_pretrained(source, subfolder=subfolder)
+            scheduler_config = dict(DDPMScheduler.from_pretrained(source, subfolder="scheduler").config)
+        else:
+            pipeline = DDPMPipeline.from_pretrained(source, **kwargs)
+            unet, scheduler_config = pipeline.unet, dict(pipeline.scheduler.config)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(
             f"cannot load the DDPM {model!r} ({str(err).splitlines()[0]}); set trial.world.fairface64.model "
-            f"(or ${MODEL_ENV}) to a diffusers pipeline folder with unet/ and scheduler/, or to a Hub id "
-            f"such as {DEFAULT_MODEL} on a machine that can reach the Hub (`huggingface-cli download "
+            f"(or ${MODEL_ENV}) to a diffusers pipeline folder (model_index.json, unet/, scheduler/), or to a Hub "
+            f"id such as {DEFAULT_MODEL} on a machine that can reach the Hub (`huggingface-cli download "
             f"{DEFAULT_MODEL}` fills the cache for offline use)"
         ) from err
     if local.exists():
@@ -196,7 +201,7 @@ def load_dense_model(model: str, revision: str = ""):
         model_id = f"{local.resolve()}#{digest}"
     else:
         model_id = f"{model}@{revision or 'main'}"
-    return unet.eval(), dict(scheduler.config), model_id
+    return unet.eval(), scheduler_config, model_id
 
 
 def read_labels(data_dir: str | os.PathLike, config: FairFace64Config):
