@@ -166,14 +166,26 @@ class FairFaceClassifier:
         return {h: np.concatenate(v) if v else np.zeros((0, widths[h])) for h, v in heads.items()}
 
     def predict(self, images: torch.Tensor) -> Predictions:
-        """Predict the configured attributes of float images in [0, 1], shape (N, 3, H, W)."""
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
-        found = np.ones(len(images), dtype=bool)
-        if self.aligner is not None:
-            images, found = self.aligner.align(images)
-            found = np.asarray(found, dtype=bool)
-        probabilities = self.raw_probabilities(images)
+        """Predict the configured attributes of images, shape (N, 3, H, W), uint8 or float in [0, 1].
+
+        Images are aligned and classified one batch at a time, so the aligned 300 px chips of a
+        whole dataset are never held at once.
+        """
+        heads: dict[str, list[np.ndarray]] = {"race": [], "gender": [], "age": []}
+        found_parts = []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start:start + self.batch_size]
+            if batch.dtype == torch.uint8:
+                batch = batch.float() / 255.0
+            found = np.ones(len(batch), dtype=bool)
+            if self.aligner is not None:
+                batch, found = self.aligner.align(batch)
+            for head, values in self.raw_probabilities(batch).items():
+                heads[head].append(values)
+            found_parts.append(np.asarray(found, dtype=bool))
+        widths = {"race": self.race_classes, "gender": 2, "age": 9}
+        probabilities = {h: np.concatenate(v) if v else np.zeros((0, widths[h])) for h, v in heads.items()}
+        found = np.concatenate(found_parts) if found_parts else np.zeros(0, dtype=bool)
         labels, confidence = {}, {}
         for attribute, m in self.mappings.items():
             group, conf = m.map_probabilities(probabilities[m.attribute])

@@ -215,3 +215,22 @@ def test_uint8_input_matches_float(tmp_path):
     for attribute, m in classifier.mappings.items():
         labels, _ = m.map_probabilities(a[m.attribute])
         assert list(labels) == list(b.labels[attribute])
+
+
+class _RecordingAligner(_HalfFoundAligner):
+    def __init__(self):
+        self.batch_sizes = []
+
+    def align(self, images):
+        self.batch_sizes.append(len(images))
+        return super().align(images)
+
+
+def test_alignment_runs_one_batch_at_a_time(tmp_path):
+    aligner = _RecordingAligner()
+    path = _biased_weights(tmp_path / "w_7_.pt", race=1, gender=0, age=4)
+    classifier = FairFaceClassifier(path, aligner=aligner, batch_size=3)
+    predictions = classifier.predict(torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8))
+    assert aligner.batch_sizes == [3, 3, 1]
+    # Each batch restarts the aligner's even/odd pattern: images 0, 2 | 3, 5 | 6 have a face.
+    assert [int(v != UNKNOWN) for v in predictions.labels["gender"]] == [1, 0, 1, 1, 0, 1, 1]
