@@ -62,7 +62,8 @@ REPORT_DIRNAME = "report"
 """Folder of the report inside a sweep's output folder."""
 
 ARTIFACT_PATH = "report"
-"""Folder of the report among the artifacts of the sweep's parent run."""
+"""Folder of the report among the artifacts of the sweep's parent run; a report at another
+milestone than the largest goes to ``report-steps<N>`` beside it."""
 
 MARKDOWN_FILENAME = "report.md"
 HTML_FILENAME = "report.html"
@@ -235,7 +236,7 @@ def load_sweep_dir(path: str | os.PathLike) -> SweepRecords:
         frame = read_trials(table)
     except (OSError, ValueError) as err:
         raise ReportError(f"cannot read {table}: {err}; rerun the sweep to rewrite it") from err
-    return SweepRecords(frame, str(folder), sweep_dir=folder.resolve(), name=folder.resolve().name)
+    return SweepRecords(frame, str(folder.resolve()), sweep_dir=folder.resolve(), name=folder.resolve().name)
 
 
 def load_mlflow_run(run_id: str, tracking_uri: str) -> SweepRecords:
@@ -1327,7 +1328,9 @@ def write_report(
         files[name] = folder / name
     logger.info("wrote the study report of %s to %s", records.source, folder)
     report = Report(folder, files, table)
-    report.parent_run_id = _log_to_parent(records, files)
+    at_last_milestone = table.steps is None or not table.milestones or table.steps == max(table.milestones)
+    artifact_path = ARTIFACT_PATH if at_last_milestone else f"{ARTIFACT_PATH}-steps{table.steps}"
+    report.parent_run_id = _log_to_parent(records, files, artifact_path)
     return report
 
 
@@ -1361,7 +1364,7 @@ def _saved_tracking_uri(sweep_dir: Path | None) -> str | None:
 def _default_uri() -> str:
     from biasprune.tracking import default_tracking_uri
 
-    return default_tracking_uri()
+    return default_tracking_uri(Path.cwd())  # where sweeps/grid.py puts its store
 
 
 def _lookup_parent(records: SweepRecords) -> str | None:
@@ -1397,7 +1400,7 @@ def _run_name(records: SweepRecords) -> str | None:
         return None
 
 
-def _log_to_parent(records: SweepRecords, files: dict[str, Path]) -> str | None:
+def _log_to_parent(records: SweepRecords, files: dict[str, Path], artifact_path: str = ARTIFACT_PATH) -> str | None:
     if not records.parent_run_id or not records.tracking_uri:
         return None
     from mlflow.exceptions import MlflowException
@@ -1408,11 +1411,11 @@ def _log_to_parent(records: SweepRecords, files: dict[str, Path]) -> str | None:
             logger.warning("no MLflow store at %s; the report is not logged to MLflow", records.tracking_uri)
             return None
         for path in files.values():
-            client.log_artifact(records.parent_run_id, str(path), ARTIFACT_PATH)
+            client.log_artifact(records.parent_run_id, str(path), artifact_path)
     except (MlflowException, OSError) as err:
         logger.warning("logging the report to MLflow run %s failed: %s", records.parent_run_id, err)
         return None
-    logger.info("logged the report under %s/ of MLflow run %s", ARTIFACT_PATH, records.parent_run_id)
+    logger.info("logged the report under %s/ of MLflow run %s", artifact_path, records.parent_run_id)
     return records.parent_run_id
 
 

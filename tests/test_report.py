@@ -285,6 +285,15 @@ def test_report_from_folder_logged_to_parent(tmp_path, store):
     assert "<td class=marked>80.0*</td>" in page
     logged = {a.path for a in MlflowClient(store).list_artifacts(tracker.parent_run_id, "report")}
     assert {"report/report.md", "report/report.html", "report/shares.png", "report/share_tests.csv"} <= logged
+    assert f"- source: {folder.resolve()}" in markdown
+
+    # A report at an earlier milestone goes beside the sweep's report, not over it.
+    milestones = sorted({r["finetune_steps"] for r in rows if r["pruner"] != "dense"})
+    write_report(folder, output_dir=tmp_path / "early", steps=milestones[0], tracking_uri=store)
+    early = {a.path for a in MlflowClient(store).list_artifacts(tracker.parent_run_id, f"report-steps{milestones[0]}")}
+    assert f"report-steps{milestones[0]}/report.md" in early
+    logged_md = MlflowClient(store).download_artifacts(tracker.parent_run_id, "report/report.md", str(tmp_path))
+    assert Path(logged_md).read_text() == markdown
 
 
 def test_report_from_run_id_matches_the_folder_report(tmp_path, store):
