@@ -166,13 +166,42 @@ def to_trial_config(config: TrialConfig | DictConfig | dict) -> TrialConfig:
 
     Raises:
         omegaconf.errors.ValidationError: A value has the wrong type.
-        omegaconf.errors.ConfigKeyError: A key is not part of the schema.
+        ValueError: A key is not part of the schema; the message suggests the closest key.
     """
     if isinstance(config, TrialConfig):
         return config
-    schema = OmegaConf.structured(TrialConfig)
-    merged = OmegaConf.merge(schema, config)
-    return OmegaConf.to_object(merged)
+    return typed_config(TrialConfig, config)
+
+
+def typed_config(schema: type, config: DictConfig | dict):
+    """Merge `config` into the dataclass `schema` and return the dataclass instance.
+
+    A Hydra config is turned into plain containers first: merged as it is, a key that Hydra's
+    `+key=value` added would be dropped silently instead of rejected.
+
+    Raises:
+        omegaconf.errors.ValidationError: A value has the wrong type.
+        ValueError: A key is not part of the schema; the message suggests the closest key.
+    """
+    import difflib
+
+    from omegaconf.errors import ConfigKeyError
+
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    structured = OmegaConf.structured(schema)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(structured, config))
+    except ConfigKeyError as err:
+        full_key = str(err.full_key or err.key or "")
+        parent_path, _, name = full_key.rpartition(".")
+        parent = OmegaConf.select(structured, parent_path) if parent_path else structured
+        candidates = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
+        close = difflib.get_close_matches(name, candidates, n=1)
+        hint = f"; did you mean {'.'.join(filter(None, [parent_path, close[0]]))!r}?" if close else ""
+        raise ValueError(
+            f"unknown config key {full_key!r}{hint} `--cfg job` prints every key with its value"
+        ) from err
 
 
 def validate_trial_config(config: TrialConfig) -> None:

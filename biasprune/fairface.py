@@ -26,7 +26,7 @@ from biasprune.classifier import UNKNOWN, Predictions
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_URL = "https://github.com/dchen236/FairFace (README: 'Download our pretrained models')"
+WEIGHTS_URL = "https://github.com/joojs/fairface (README: pretrained models)"
 """The page that links the published weights (a Google Drive folder)."""
 WEIGHTS_FILES = {7: "res34_fair_align_multi_7_20190809.pt", 4: "res34_fair_align_multi_4_20190809.pt"}
 NUM_OUTPUTS = 18

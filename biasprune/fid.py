@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.linalg import LinAlgWarning
 import torch
 import torch.nn.functional as F
 from pytorch_fid import inception as _pf_inception
@@ -212,11 +213,22 @@ def frechet_distance(
         )
     # NOTE: pytorch-fid 0.3.0 passes `disp=False` to scipy.linalg.sqrtm, which SciPy 1.17
     # deprecates. The filter can go once pytorch-fid stops passing it.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as caught:
         warnings.filterwarnings(
             "ignore", message=".*`disp` argument is deprecated", category=DeprecationWarning
         )
-        return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+        warnings.simplefilter("always", LinAlgWarning)
+        distance = float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+    for warning in caught:
+        if issubclass(warning.category, LinAlgWarning):
+            # Rank-deficient covariances (fewer samples than dimensions, or features that never
+            # vary) make the product singular on every call. pytorch-fid uses sqrtm's result as it
+            # is (it offsets the diagonals only when that result is not finite), so the value is
+            # pytorch-fid's and a warning on every point would only alarm.
+            logger.debug("Fréchet distance: %s", warning.message)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return distance
 
 
 def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> Path:

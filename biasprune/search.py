@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from biasprune import pareto
 from biasprune.cache import content_key
-from biasprune.config import DENSE, TrialConfig, validate_trial_config
+from biasprune.config import DENSE, TrialConfig, typed_config, validate_trial_config
 from biasprune.sweep import ResourcesConfig, TrackingConfig
 
 logger = logging.getLogger(__name__)
@@ -162,10 +162,10 @@ class SearchResult:
 
 
 def to_pareto_config(config: ParetoConfig | DictConfig | dict) -> ParetoConfig:
-    """Build a typed ParetoConfig; unknown keys and wrong types raise omegaconf errors."""
+    """Build a typed ParetoConfig; an unknown key raises ValueError, a wrong type omegaconf's ValidationError."""
     if isinstance(config, ParetoConfig):
         return config
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ParetoConfig), config))
+    return typed_config(ParetoConfig, config)
 
 
 def validate_pareto(config: ParetoConfig) -> None:

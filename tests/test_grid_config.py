@@ -121,3 +121,10 @@ def test_trial_resources_give_each_trial_a_gpu_when_the_cluster_has_one():
     assert trial_resources(ResourcesConfig(), "auto", 2) == {"cpu": 1.0, "gpu": 1.0}
     assert trial_resources(ResourcesConfig(), "cpu", 2) == {"cpu": 1.0, "gpu": 0.0}
     assert trial_resources(ResourcesConfig(2, 0.5), "cuda", 2) == {"cpu": 2, "gpu": 0.5}
+
+
+def test_appended_unknown_key_is_rejected_with_a_suggestion():
+    with pytest.raises(ValueError, match=r"unknown config key 'ratio'; did you mean 'ratios'\?"):
+        _compose(["+ratio=[0.5]"])
+    with pytest.raises(ValueError, match=r"did you mean 'trial.sampling.num_samples'"):
+        _compose(["+trial.sampling.num_sample=200"])

