@@ -77,6 +77,24 @@ def test_pipeline_folder_loads_like_a_hub_id(study_files):
         assert torch.equal(a, b), name
 
 
+def test_hub_id_loads_from_the_hub_cache_with_its_commit(tmp_path):
+    """A Hub id resolves through huggingface_hub's cache layout, offline, as after `hf download`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--standin--ddpm-study"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    save_pipeline(repo / "snapshots" / commit, study_unet())
+    code = (
+        "from biasprune.worlds.fairface64 import load_dense_model\n"
+        "unet, scheduler, model_id = load_dense_model('standin/ddpm-study')\n"
+        "print(model_id, unet.config.sample_size, scheduler['num_train_timesteps'])\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == [f"standin/ddpm-study@{commit}", "32", "1000"]
+
+
 def test_model_id_changes_with_the_weights(tmp_path):
     _, _, first = load_dense_model(str(save_pipeline(tmp_path / "a", study_unet(seed=0))))
     _, _, second = load_dense_model(str(save_pipeline(tmp_path / "b", study_unet(seed=1))))

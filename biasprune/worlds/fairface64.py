@@ -217,8 +217,19 @@ def load_dense_model(model: str, revision: str = ""):
         digest = content_key(*(hash_file(w) for w in weights)) if weights else "unhashed"
         model_id = f"{local.resolve()}#{digest}"
     else:
-        model_id = f"{model}@{revision or 'main'}"
+        model_id = f"{model}@{_hub_commit(model, revision) or revision or 'main'}"
     return unet.eval(), scheduler_config, model_id
+
+
+def _hub_commit(model: str, revision: str) -> str | None:
+    """Return the commit of the Hub snapshot that was loaded, read from the local Hub cache."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision or None, local_files_only=True)).name
+    except Exception as err:  # the commit only refines the cache key; the id and revision remain
+        logger.debug("no cached Hub snapshot of %s: %s", model, err)
+        return None
 
 
 def read_labels(data_dir: str | os.PathLike, config: FairFace64Config):
@@ -317,6 +328,12 @@ def load_world(config: FairFace64Config, cache_dir=None, device: torch.device | 
     data_dir = resolved_data_dir(config)
     unet, scheduler_config, model_id = load_dense_model(resolved_model(config), config.revision)
     resolution = config.resolution or int(unet.config.sample_size)
+    if resolution != int(unet.config.sample_size):
+        logger.warning(
+            "trial.world.fairface64.resolution=%d differs from the model's sample_size %d: fine-tuning and the FID "
+            "reference use %d px images while the model samples %d px ones",
+            resolution, unet.config.sample_size, resolution, unet.config.sample_size,
+        )  # fmt: skip
     table = read_labels(data_dir, config)
     race_classes = 7
     if config.classifier == "fairface":
