@@ -39,6 +39,7 @@ POINT_PARAM_KEYS = (
     "world", "model", "pruner", "pruning_ratio", "finetune_steps", "seed", "num_samples",
     "sampler_steps", "eta", "reference", "quality_metric", "fid_extractor",
     "fd_extractor", "fid_reference", "classifier", "precision", "device", "evaluation_key",
+    "bootstrap_samples", "kl_smoothing", "num_images",
 )  # fmt: skip
 
 REFERENCE_SHARE_PREFIX = "reference_share_"
