@@ -194,6 +194,8 @@ class FaceAligner:
             self._cnn = False
             self.detector_name = "hog"
         else:
+            # NOTE: this CNN detector path has only been checked for a missing file: the weights
+            # (mmod_human_face_detector.dat) were not available where it was written.
             try:
                 self._detector = dlib.cnn_face_detection_model_v1(str(detector_path))
             except RuntimeError as error:

@@ -80,7 +80,7 @@ def load_resnet34(weights_path: str | os.PathLike) -> torch.nn.Module:
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping):
-        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+        raise ValueError(f"{str(path)!r} contains a {type(state).__name__}, not a state dict")
     # Checkpoints saved from nn.DataParallel prefix every key with "module.".
     state = {k.removeprefix("module."): v for k, v in state.items()}
     model = build_resnet34()

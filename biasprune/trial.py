@@ -132,6 +132,8 @@ def resolve_device(device: str) -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Map `auto` to bf16 on CUDA and fp32 elsewhere; reject half precision on the CPU."""
     if precision == "auto":
+        # NOTE: bf16 was checked against fp32 on the CPU only (bench/precision.py); the same
+        # script with --device cuda checks it on a GPU.
         return "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError(f"sampling.precision=fp16 needs a CUDA device, got {device}; use fp32 or bf16")

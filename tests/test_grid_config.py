@@ -114,7 +114,7 @@ def test_summary_table_orders_like_the_study():
     ]
 
 
-def test_trial_resources_give_each_trial_a_gpu_when_the_cluster_has_one():
+def test_trial_resources_default_gpu():
     from biasprune.sweep import ResourcesConfig, trial_resources
 
     assert trial_resources(ResourcesConfig(), "auto", 0) == {"cpu": 1.0, "gpu": 0.0}
