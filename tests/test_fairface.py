@@ -64,7 +64,7 @@ def test_map_names_reads_every_csv_value():
         mapping("race2").map_names(["Martian"])
 
 
-def test_map_labels_keeps_unknown_and_rejects_out_of_range():
+def test_map_labels_unknown_and_range():
     m = mapping("age3")
     assert list(m.map_labels(np.array([UNKNOWN, 8, 0]))) == [UNKNOWN, 2, 0]
     with pytest.raises(ValueError, match="out of range"):
@@ -74,7 +74,7 @@ def test_map_labels_keeps_unknown_and_rejects_out_of_range():
 def test_map_probabilities_sums_group_members():
     m = mapping("race2")
     probabilities = np.array([
-        [0.30, 0.10, 0.15, 0.15, 0.10, 0.10, 0.10],  # White is the top class; Other holds 0.60
+        [0.30, 0.10, 0.15, 0.15, 0.10, 0.10, 0.10],  # White is the top class, and Other sums to 0.60
         [0.05, 0.50, 0.10, 0.10, 0.10, 0.10, 0.05],
     ])  # fmt: skip
     labels, confidence = m.map_probabilities(probabilities)

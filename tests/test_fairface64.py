@@ -77,7 +77,7 @@ def test_pipeline_folder_loads_like_a_hub_id(study_files):
         assert torch.equal(a, b), name
 
 
-def test_hub_id_loads_from_the_hub_cache_with_its_commit(tmp_path):
+def test_hub_id_loads_from_cache(tmp_path):
     """A Hub id resolves through huggingface_hub's cache layout, offline, as after `hf download`."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--standin--ddpm-study"
@@ -166,8 +166,8 @@ def test_labels_and_images_load_at_the_model_resolution(study_files, tmp_path):
     rows = pd.read_csv(study_files["data_dir"] / "fairface_label_train.csv")
     expected_race = [{"White": 0, "Black": 1}.get(r, 2) for r in rows["race"]]
     assert list(world.labels["race"]) == expected_race
-    young, old = {"0-2", "3-9"}, {"50-59", "60-69", "more than 70"}
-    expected_age = [0 if a in young else 2 if a in old else 1 for a in rows["age"]]
+    age3_of_csv_value = {"0-2": 0, "3-9": 0, "50-59": 2, "60-69": 2, "more than 70": 2}
+    expected_age = [age3_of_csv_value.get(a, 1) for a in rows["age"]]
     assert list(world.labels["age"]) == expected_age
     assert world.study_ratios["race"] == (["White"], ["Black"])
     assert "FairFace ResNet-34" in world.content_hashes["classifier"]
@@ -197,7 +197,7 @@ def test_label_csv_errors(study_files, tmp_path):
         fairface64.load_images(study_files["data_dir"], ["train/999.jpg"], 8)
 
 
-def test_missing_paths_say_what_to_download_and_which_key(study_files, monkeypatch):
+def test_missing_paths_name_download_and_key(study_files, monkeypatch):
     monkeypatch.delenv(fairface64.DATA_ENV, raising=False)
     monkeypatch.delenv(fairface64.WEIGHTS_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match=r"download them from https://github.com/joojs/fairface.*data_dir"):
@@ -233,7 +233,8 @@ def test_trial_measures_fid_and_writes_pytorch_fid_statistics(study_files, tmp_p
     row = rows[-1]
     assert row["quality_metric"] == "fid"
     assert row["quality"] == row["fid"]
-    assert np.isfinite(row["fid"]) and row["fid"] > 0
+    assert np.isfinite(row["fid"])
+    assert row["fid"] > 0
     assert row["world"] == "fairface64"
     assert row["precision"] == "fp32"
     assert "FairFace ResNet-34" in row["classifier"]
@@ -248,10 +249,10 @@ def test_trial_measures_fid_and_writes_pytorch_fid_statistics(study_files, tmp_p
         assert data["mu"].shape == (2048,)
         assert data["sigma"].shape == (2048, 2048)
 
-    # The same statistics given as an existing npz give the same FID.
-    given = _trial_config(study_files, tmp_path, finetune_steps=[0])
-    given.measure.fid_reference_stats = str(stats[0])
-    again = run_trial(given)[0]
+    # The same statistics read from an existing npz give the same FID.
+    from_npz = _trial_config(study_files, tmp_path, finetune_steps=[0])
+    from_npz.measure.fid_reference_stats = str(stats[0])
+    again = run_trial(from_npz)[0]
     assert again["fid"] == pytest.approx(rows[0]["fid"], rel=1e-6)
     assert again["fid_reference"].startswith(f"pytorch-fid statistics {stats[0]}")
 

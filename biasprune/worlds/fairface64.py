@@ -45,9 +45,9 @@ class FairFace64Config:
     """Settings of the real study's world.
 
     Attributes:
-        model: Hub id or local folder of a diffusers DDPM pipeline (a `unet/` and a `scheduler/`
-            subfolder, or a UNet at the top level with a `scheduler/`); empty uses
-            $BIASPRUNE_DENSE_MODEL, else the FairFace-64 DDPM of the study.
+        model: Hub id or local folder of a diffusers DDPM pipeline, or a folder with a UNet at the
+            top level and a `scheduler/` subfolder. Empty uses $BIASPRUNE_DENSE_MODEL, else the
+            study's FairFace-64 DDPM.
         revision: Hub revision (branch, tag or commit) of `model`; empty takes the default branch.
         data_dir: FairFace folder holding the label CSV and the image paths it names; empty uses
             $BIASPRUNE_FAIRFACE_DIR.
