@@ -103,8 +103,7 @@ class MeasureConfig:
         fid: `auto` computes pytorch-fid's FID when its Inception weights are available
             offline, `on` requires them, `off` skips FID.
         fid_weights: Path of pytorch-fid's Inception weights file (pt_inception-2015-12-05-6726825d.pth);
-            empty uses $BIASPRUNE_FID_WEIGHTS, else
-            pytorch-fid's own download location.
+            empty uses $BIASPRUNE_FID_WEIGHTS, else pytorch-fid's own download location.
         fid_batch_size: Images per Inception forward pass.
         fid_reference_stats: An existing pytorch-fid `.npz` (keys mu, sigma) to compare against;
             empty computes the statistics of the world's images once and caches them in that format.
@@ -198,10 +197,8 @@ def typed_config(schema: type, config: DictConfig | dict):
         parent = OmegaConf.select(structured, parent_path) if parent_path else structured
         candidates = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
         close = difflib.get_close_matches(name, candidates, n=1)
-        hint = f"; did you mean {'.'.join(filter(None, [parent_path, close[0]]))!r}?" if close else ""
-        raise ValueError(
-            f"unknown config key {full_key!r}{hint} `--cfg job` prints every key with its value"
-        ) from err
+        hint = f" (did you mean {'.'.join(filter(None, [parent_path, close[0]]))!r}?)" if close else ""
+        raise ValueError(f"unknown config key {full_key!r}{hint}; `--cfg job` prints every valid key") from err
 
 
 def validate_trial_config(config: TrialConfig) -> None:

@@ -211,6 +211,8 @@ class Measurer:
         self.settings_key = content_key(
             world.model_id, world.content_hashes, dataclasses.asdict(cfg.sampling), dataclasses.asdict(cfg.measure),
             precision,
+            # The content of given FID statistics, so that replacing the file at the same path counts.
+            hash_file(cfg.measure.fid_reference_stats) if cfg.measure.fid_reference_stats else "",
         )
         self._inception = None
         self._references: dict[str, dict[str, np.ndarray]] | None = None

@@ -124,7 +124,7 @@ def test_trial_resources_default_gpu():
 
 
 def test_appended_unknown_key_is_rejected_with_a_suggestion():
-    with pytest.raises(ValueError, match=r"unknown config key 'ratio'; did you mean 'ratios'\?"):
+    with pytest.raises(ValueError, match=r"unknown config key 'ratio' \(did you mean 'ratios'\?\)"):
         _compose(["+ratio=[0.5]"])
     with pytest.raises(ValueError, match=r"did you mean 'trial.sampling.num_samples'"):
         _compose(["+trial.sampling.num_sample=200"])
