@@ -188,7 +188,7 @@ def test_label_csv_errors(study_files, tmp_path):
     folder = tmp_path / "ff"
     folder.mkdir()
     pd.DataFrame({"file": ["train/1.jpg"], "age": ["3-9"]}).to_csv(folder / "fairface_label_train.csv", index=False)
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['gender', 'race'\]"):
+    with pytest.raises(ValueError, match=r"is missing the column\(s\) \['gender', 'race'\]"):
         read_labels(folder, FairFace64Config(data_dir=str(folder)))
     config = _world_config(study_files, max_images=6, service_test_only=True)
     table = read_labels(study_files["data_dir"], config)

@@ -241,7 +241,7 @@ def read_labels(data_dir: str | os.PathLike, config: FairFace64Config):
     missing = [c for c in LABEL_COLUMNS if c not in table.columns]
     if missing:
         raise ValueError(
-            f"label CSV {str(csv)!r} lacks the column(s) {missing}; FairFace's CSVs have "
+            f"label CSV {str(csv)!r} is missing the column(s) {missing}; FairFace's CSVs have "
             f"{list(LABEL_COLUMNS) + ['service_test']}"
         )
     if config.service_test_only:
